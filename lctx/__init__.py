@@ -1,0 +1,3 @@
+"""lctx: long-context language models in JAX/Flax."""
+
+__version__ = "0.1.0"

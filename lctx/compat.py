@@ -1,0 +1,48 @@
+"""Version-sensitive JAX imports and helpers, kept in one place.
+
+lctx is written against the public API of JAX >= 0.7 (`jax.shard_map`,
+`jax.sharding.AxisType`, `jax.sharding.reshard`); TPU users often run a newer JAX
+than this repository's CPU CI, so anything that moved between versions lives here.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+try:  # JAX >= 0.6: public shard_map with `check_vma`.
+    _shard_map = jax.shard_map
+    _CHECK_KWARG = "check_vma"
+except AttributeError:  # pragma: no cover - older JAX
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+    _CHECK_KWARG = "check_rep"
+
+from jax.sharding import AxisType
+
+
+def shard_map(fn, *, mesh: Mesh, in_specs, out_specs, check: bool = False):
+    """`jax.shard_map` with the replication check off by default.
+
+    The kernels mix collectives (ppermute, all_to_all) with custom_vjp rules whose
+    varying-axis annotations the checker cannot always infer; outputs are exact
+    shards by construction and tests compare them with a dense reference.
+    """
+    return _shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KWARG: check})
+
+
+def is_explicit(mesh: Mesh) -> bool:
+    """True when any axis of `mesh` has Explicit axis type (sharding in the type)."""
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """Places `x` with `spec` on `mesh`, inside or outside jit, for Auto or Explicit axes.
+
+    Explicit meshes carry sharding in the array type, so a change needs `reshard`;
+    Auto meshes take a sharding constraint (a no-op hint when already placed).
+    """
+    sharding = NamedSharding(mesh, spec)
+    if is_explicit(mesh):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)

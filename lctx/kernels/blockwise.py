@@ -1,0 +1,390 @@
+"""Blockwise exact attention (FlashAttention / BPT) in plain JAX, and the block seam.
+
+The seam is a pair of functions over one query block and one key/value block:
+
+  block_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg) -> (o, lse)
+  block_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do) -> (dq, dk, dv)
+
+`lse` in the backward may be the *global* log-sum-exp of the query rows (what a ring
+needs), in which case the returned gradients are this key block's share of the full
+gradients. Internally both work in a head-major layout (`q` as
+`[batch, kv_heads, groups, seq, head_dim]`, `k`/`v` as `[batch, kv_heads, seq, head_dim]`)
+so that every block product is one batched matmul and GQA shares K/V without copies;
+strategies (blockwise, ring, Ulysses) transpose once and call the `*_hm` functions.
+
+Within a call the work is tiled into `block_q x block_k` tiles with an online
+softmax. A tile the mask hides completely is skipped by a `lax.switch` (not computed
+and then masked); a tile the mask leaves fully visible skips the mask arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lctx.kernels.masking import block_ranges, blocks_may_interact, pair_mask
+from lctx.kernels.reference import default_positions
+
+# Tiles of 512 x 512 keep each score tile (1 MiB fp32 per head) in cache on CPU
+# while amortising the per-iteration loop overhead; measured by lctx.bench.attention.
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
+
+_SKIP, _FULL, _MASKED = 0, 1, 2
+
+
+class MaskSpec(NamedTuple):
+    """Static masking options shared by every kernel."""
+
+    causal: bool = False
+    sliding_window: int | None = None
+
+    def any_position_mask(self) -> bool:
+        return self.causal or self.sliding_window is not None
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def q_to_head_major(q: jax.Array, kv_heads: int) -> jax.Array:
+    """`[b, s, h, d]` -> `[b, kv_heads, h // kv_heads, s, d]`."""
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def q_from_head_major(qh: jax.Array) -> jax.Array:
+    """`[b, kv_heads, groups, s, d]` -> `[b, s, kv_heads * groups, d]`."""
+    b, hkv, g, s, d = qh.shape
+    return qh.transpose(0, 3, 1, 2, 4).reshape(b, s, hkv * g, d)
+
+
+def kv_to_head_major(k: jax.Array) -> jax.Array:
+    """`[b, s, h_kv, d]` -> `[b, h_kv, s, d]`."""
+    return k.transpose(0, 2, 1, 3)
+
+
+def kv_from_head_major(kh: jax.Array) -> jax.Array:
+    """`[b, h_kv, s, d]` -> `[b, s, h_kv, d]`."""
+    return kh.transpose(0, 2, 1, 3)
+
+
+def lse_from_head_major(lse_h: jax.Array) -> jax.Array:
+    """`[b, kv_heads, groups, s]` -> `[b, s, heads]`."""
+    b, hkv, g, s = lse_h.shape
+    return lse_h.transpose(0, 3, 1, 2).reshape(b, s, hkv * g)
+
+
+def lse_to_head_major(lse: jax.Array, kv_heads: int) -> jax.Array:
+    """`[b, s, heads]` -> `[b, kv_heads, heads // kv_heads, s]`."""
+    b, s, h = lse.shape
+    return lse.reshape(b, s, kv_heads, h // kv_heads).transpose(0, 2, 3, 1)
+
+
+def effective_block(block: int | None, seq: int, default: int) -> int:
+    """The tile size used for a sequence: the requested one, capped at the sequence."""
+    return min(default if block is None else block, seq)
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def _tile_kind(q_ranges, k_ranges, mask: MaskSpec) -> jax.Array:
+    """int32 scalar: _SKIP (fully masked), _FULL (fully visible) or _MASKED."""
+    qp, kp, qs, ks = q_ranges[:2], k_ranges[:2], q_ranges[2:], k_ranges[2:]
+    has_seg = len(qs) == 2
+    may = blocks_may_interact(qp, kp, qs if has_seg else None, ks if has_seg else None,
+                              causal=mask.causal, sliding_window=mask.sliding_window)
+    full = jnp.ones(qp[0].shape, dtype=bool)
+    if has_seg:
+        full &= (qs[0] == qs[1]) & (ks[0] == ks[1]) & (qs[0] == ks[0])
+    if mask.causal:
+        full &= kp[1] <= qp[0]
+    if mask.sliding_window is not None:
+        full &= kp[0] > qp[1] - mask.sliding_window
+    return jnp.where(may, jnp.where(jnp.all(full), _FULL, _MASKED), _SKIP).astype(jnp.int32)
+
+
+def _tile_logits(q_tile, k_tile, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec, masked: bool):
+    """Scaled logits `[b, hkv, g, bq, bk]` in float32, -inf where masked."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile, preferred_element_type=jnp.float32)
+    if masked:
+        m = pair_mask(q_pos, k_pos, q_seg, k_seg, causal=mask.causal,
+                      sliding_window=mask.sliding_window)
+        s = jnp.where(m[:, None, None], s, -jnp.inf)
+    return s
+
+
+def _split(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """Splits `axis` into (n, block) and moves n to the front: a scan over tiles."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _merge(x: jax.Array, axis: int) -> jax.Array:
+    """Inverse of `_split`: tiles at the front back into `axis`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _ids_tiles(ids, block):
+    """Int ids `[b, s]` -> tiles `[n, b, block]` and their (min, max) ranges `[n, b]`."""
+    if ids is None:
+        return None, ()
+    return _split(ids, 1, block), block_ranges(ids, block)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: float,
+           block_q: int | None = None, block_k: int | None = None):
+    """Forward over one query block and one key/value block, head-major.
+
+    Args:
+      qh: `[b, hkv, g, sq, d]`; kh, vh: `[b, hkv, sk, d]`; q_pos/q_seg `[b, sq]`,
+        k_pos/k_seg `[b, sk]` (int32; segments may be None).
+    Returns:
+      o float32 `[b, hkv, g, sq, d]` (normalised by this block's own softmax),
+      lse float32 `[b, hkv, g, sq]` (-inf where no key is visible, o 0 there),
+      and the int32 number of tiles actually computed.
+    """
+    b, hkv, g, sq, d = qh.shape
+    sk = kh.shape[2]
+    bq = effective_block(block_q, sq, DEFAULT_BLOCK_Q)
+    bk = effective_block(block_k, sk, DEFAULT_BLOCK_K)
+    masked_any = mask.any_position_mask() or q_seg is not None
+    qh = qh * jnp.asarray(scale, qh.dtype)
+
+    q_tiles, k_tiles, v_tiles = _split(qh, 3, bq), _split(kh, 2, bk), _split(vh, 2, bk)
+    qp_t, qp_r = _ids_tiles(q_pos, bq)
+    kp_t, kp_r = _ids_tiles(k_pos, bk)
+    qs_t, qs_r = _ids_tiles(q_seg, bq)
+    ks_t, ks_r = _ids_tiles(k_seg, bk)
+
+    def q_step(count, q_in):
+        q_tile, qp, qs, q_ranges = q_in
+        m0 = jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((b, hkv, g, bq), jnp.float32)
+        acc0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+
+        def update(carry, k_tile, v_tile, kp, ks, masked):
+            m, l, acc, n = carry
+            s = _tile_logits(q_tile, k_tile, qp, kp, qs, ks, mask, masked)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            l = l * alpha + p.sum(axis=-1)
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v_tile.dtype), v_tile,
+                            preferred_element_type=jnp.float32)
+            return m_new, l, acc * alpha[..., None] + pv, n + 1
+
+        def k_step(carry, k_in):
+            k_tile, v_tile, kp, ks, k_ranges = k_in
+            if not masked_any:
+                return update(carry, k_tile, v_tile, kp, ks, False), None
+            kind = _tile_kind(q_ranges, k_ranges, mask)
+            branches = (
+                lambda c: c,
+                lambda c: update(c, k_tile, v_tile, kp, ks, False),
+                lambda c: update(c, k_tile, v_tile, kp, ks, True),
+            )
+            return lax.switch(kind, branches, carry), None
+
+        (m, l, acc, count), _ = lax.scan(
+            k_step, (m0, l0, acc0, count), (k_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
+        seen = l > 0.0
+        o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        return count, (o, lse)
+
+    count, (o_tiles, lse_tiles) = lax.scan(
+        q_step, jnp.int32(0), (q_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
+    return _merge(o_tiles, 3), _merge(lse_tiles, 3), count
+
+
+def _zip_ranges(pos_r, seg_r):
+    """(min, max) position ranges followed by segment ranges, as one scanned tuple."""
+    return tuple(pos_r) + tuple(seg_r)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask: MaskSpec,
+           scale: float, block_q: int | None = None, block_k: int | None = None):
+    """FlashAttention-2 backward over one query block and one key/value block, head-major.
+
+    Recomputes p = exp(s - lse) tile by tile from the (possibly global) `lse_h`
+    `[b, hkv, g, sq]`; `delta_h` = rowsum(dO * O) of the *full* output (minus any
+    cotangent of lse), `[b, hkv, g, sq]`; `do_h` `[b, hkv, g, sq, d]`.
+    Returns float32 (dq `[b, hkv, g, sq, d]`, dk, dv `[b, hkv, sk, d]`): this key
+    block's contribution.
+    """
+    b, hkv, g, sq, d = qh.shape
+    sk = kh.shape[2]
+    bq = effective_block(block_q, sq, DEFAULT_BLOCK_Q)
+    bk = effective_block(block_k, sk, DEFAULT_BLOCK_K)
+    masked_any = mask.any_position_mask() or q_seg is not None
+    qh = qh * jnp.asarray(scale, qh.dtype)
+    # Rows that saw no key have lse = -inf; +inf makes their p exactly 0.
+    lse_h = jnp.where(jnp.isneginf(lse_h), jnp.inf, lse_h)
+
+    q_tiles, do_tiles = _split(qh, 3, bq), _split(do_h, 3, bq)
+    lse_tiles, delta_tiles = _split(lse_h, 3, bq), _split(delta_h, 3, bq)
+    k_tiles, v_tiles = _split(kh, 2, bk), _split(vh, 2, bk)
+    qp_t, qp_r = _ids_tiles(q_pos, bq)
+    kp_t, kp_r = _ids_tiles(k_pos, bk)
+    qs_t, qs_r = _ids_tiles(q_seg, bq)
+    ks_t, ks_r = _ids_tiles(k_seg, bk)
+    zero_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
+
+    def q_step(_, q_in):
+        q_tile, do_tile, lse_t, delta_t, qp, qs, q_ranges = q_in
+
+        def grads(dq, k_tile, v_tile, kp, ks, masked):
+            s = _tile_logits(q_tile, k_tile, qp, kp, qs, ks, mask, masked)
+            p = jnp.exp(s - lse_t[..., None])
+            dv = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_tile.dtype), do_tile,
+                            preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_tile, v_tile,
+                            preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_t[..., None])).astype(q_tile.dtype)
+            dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_tile,
+                                 preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_tile, preferred_element_type=jnp.float32)
+            return dq, (dk, dv)
+
+        def k_step(dq, k_in):
+            k_tile, v_tile, kp, ks, k_ranges = k_in
+            if not masked_any:
+                return grads(dq, k_tile, v_tile, kp, ks, False)
+            kind = _tile_kind(q_ranges, k_ranges, mask)
+            branches = (
+                lambda c: (c, (zero_kv, zero_kv)),
+                lambda c: grads(c, k_tile, v_tile, kp, ks, False),
+                lambda c: grads(c, k_tile, v_tile, kp, ks, True),
+            )
+            return lax.switch(kind, branches, dq)
+
+        dq0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+        dq, (dk_parts, dv_parts) = lax.scan(
+            k_step, dq0, (k_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
+        return None, (dq, dk_parts, dv_parts)
+
+    _, (dq_tiles, dk_parts, dv_parts) = lax.scan(
+        q_step, None,
+        (q_tiles, do_tiles, lse_tiles, delta_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
+    # dq was taken against the scaled q: d(loss)/d(q) = scale * d(loss)/d(q * scale).
+    dq = _merge(dq_tiles, 3) * scale
+    dk = _merge(dk_parts.sum(axis=0), 2)
+    dv = _merge(dv_parts.sum(axis=0), 2)
+    return dq, dk, dv
+
+
+def delta_hm(o_h: jax.Array, do_h: jax.Array) -> jax.Array:
+    """rowsum(dO * O) in float32, `[b, hkv, g, s]`."""
+    return jnp.einsum("bhgqd,bhgqd->bhgq", do_h.astype(jnp.float32), o_h.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------- the seam
+
+
+def block_fwd(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, causal=False,
+              sliding_window=None, scale=None, block_q=None, block_k=None):
+    """Attention of one query block against one key/value block.
+
+    Args: q `[b, sq, h, d]`, k/v `[b, sk, h_kv, d]`, positions and segment ids int32
+    `[b, sq]` / `[b, sk]` (segments may be None).
+    Returns: (o float32 `[b, sq, h, d]`, lse float32 `[b, sq, h]`); partial results over
+    disjoint key blocks merge by `merge_partials`.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o_h, lse_h, _ = fwd_hm(q_to_head_major(q, k.shape[2]), kv_to_head_major(k),
+                           kv_to_head_major(v), q_pos, k_pos, q_seg, k_seg,
+                           mask=MaskSpec(causal, sliding_window), scale=scale,
+                           block_q=block_q, block_k=block_k)
+    return q_from_head_major(o_h), lse_from_head_major(lse_h)
+
+
+def block_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, causal=False,
+              sliding_window=None, scale=None, block_q=None, block_k=None):
+    """Gradients of one query block / key-value block pair, given the output `o`
+    `[b, sq, h, d]` and log-sum-exp `lse` `[b, sq, h]` of the rows (global ones for a
+    ring). Returns float32 (dq `[b, sq, h, d]`, dk, dv `[b, sk, h_kv, d]`).
+    """
+    kv_heads = k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o_h, do_h = q_to_head_major(o, kv_heads), q_to_head_major(do, kv_heads)
+    dq, dk, dv = bwd_hm(q_to_head_major(q, kv_heads), kv_to_head_major(k), kv_to_head_major(v),
+                        q_pos, k_pos, q_seg, k_seg, do_h.astype(q.dtype),
+                        lse_to_head_major(lse, kv_heads), delta_hm(o_h, do_h),
+                        mask=MaskSpec(causal, sliding_window), scale=scale,
+                        block_q=block_q, block_k=block_k)
+    return q_from_head_major(dq), kv_from_head_major(dk), kv_from_head_major(dv)
+
+
+def merge_partials(o1, lse1, o2, lse2):
+    """Combines two partial attentions over disjoint keys; -inf rows stay 0, never NaN.
+
+    o: float32 `[..., d]`; lse: float32 `[...]` (matching leading dims).
+    """
+    lse = jnp.logaddexp(lse1, lse2)
+    safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+    o = o1 * jnp.exp(lse1 - safe)[..., None] + o2 * jnp.exp(lse2 - safe)[..., None]
+    return o, lse
+
+
+# ----------------------------------------------------------------------------- blockwise
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise_hm(qh, kh, vh, pos, seg, mask, scale, block_q, block_k):
+    o, lse, _ = fwd_hm(qh, kh, vh, pos, pos, seg, seg, mask=mask, scale=scale,
+                       block_q=block_q, block_k=block_k)
+    return o.astype(qh.dtype), lse
+
+
+def _blockwise_hm_fwd(qh, kh, vh, pos, seg, mask, scale, block_q, block_k):
+    o, lse = _blockwise_hm(qh, kh, vh, pos, seg, mask, scale, block_q, block_k)
+    return (o, lse), (qh, kh, vh, pos, seg, o, lse)
+
+
+def _blockwise_hm_bwd(mask, scale, block_q, block_k, res, cotangents):
+    qh, kh, vh, pos, seg, o, lse = res
+    do, dlse = cotangents
+    # d lse / d s = p, so an lse cotangent enters exactly like -delta.
+    delta = delta_hm(o, do) - dlse
+    dq, dk, dv = bwd_hm(qh, kh, vh, pos, pos, seg, seg, do.astype(qh.dtype), lse, delta,
+                        mask=mask, scale=scale, block_q=block_q, block_k=block_k)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+
+
+_blockwise_hm.defvjp(_blockwise_hm_fwd, _blockwise_hm_bwd)
+
+
+def blockwise_attention(q, k, v, *, causal=False, segment_ids=None, positions=None,
+                        sliding_window=None, scale=None, block_q=None, block_k=None,
+                        return_lse=False):
+    """Exact attention in O(seq) memory: tiles with an online softmax, custom VJP.
+
+    Args:
+      q `[b, s, h, d]`; k, v `[b, s, h_kv, d]` (h % h_kv == 0); segment_ids, positions
+      int32 `[b, s]`; block_q / block_k tile sizes dividing s (default 512, capped at s).
+    Returns:
+      out `[b, s, h, d]` in q's dtype (and float32 lse `[b, s, h]` with `return_lse`).
+      The backward recomputes scores tile by tile from the saved output and lse.
+    """
+    b, s, _, _ = q.shape
+    kv_heads = k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    positions = default_positions(b, s) if positions is None else positions
+    o_h, lse_h = _blockwise_hm(q_to_head_major(q, kv_heads), kv_to_head_major(k),
+                               kv_to_head_major(v), positions, segment_ids,
+                               MaskSpec(causal, sliding_window), scale, block_q, block_k)
+    out = q_from_head_major(o_h)
+    return (out, lse_from_head_major(lse_h)) if return_lse else out
