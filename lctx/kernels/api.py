@@ -1,0 +1,255 @@
+"""`lctx.kernels.attention`: the one entry point to every attention implementation.
+
+It validates its arguments (one `ValueError` naming the argument, the value and
+what is allowed, before anything is traced), places tokens on the mesh, runs the
+chosen strategy under `shard_map` and returns the output in the caller's order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lctx import compat
+from lctx.kernels.blockwise import blockwise_attention
+from lctx.kernels.layout import (PLACEMENTS, balanced_permutation, inverse_permutation,
+                                 placement_multiple)
+from lctx.kernels.reference import default_positions, reference_attention
+from lctx.kernels.ring import ring_attention
+from lctx.kernels.ulysses import ulysses_attention, ulysses_heads_ok
+
+IMPLS = ("reference", "blockwise", "ring", "ulysses")
+LAYOUTS = ("natural", "balanced")
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Options each impl accepts through **impl_options.
+IMPL_OPTIONS = {
+    "reference": (),
+    "blockwise": ("block_q", "block_k"),
+    "ring": ("block_q", "block_k", "placement"),
+    "ulysses": ("block_q", "block_k"),
+}
+SEQUENCE_PARALLEL = ("ring", "ulysses")
+
+
+class _Plan(NamedTuple):
+    """Static, hashable description of one attention call (the jit cache key)."""
+
+    impl: str
+    causal: bool
+    sliding_window: int | None
+    scale: float
+    mesh: Mesh | None
+    seq_axis: str | None
+    batch_axes: tuple[str, ...]
+    head_axis: str | None
+    layout: str
+    placement: str
+    block_q: int | None
+    block_k: int | None
+    return_lse: bool
+
+
+def _fail(name: str, value, allowed: str):
+    raise ValueError(f"attention: {name}={value!r} is not allowed; {allowed}")
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_ids(name: str, ids, batch: int, seq: int):
+    if ids is None:
+        return
+    shape, dtype = getattr(ids, "shape", None), getattr(ids, "dtype", None)
+    if shape != (batch, seq):
+        _fail(f"{name}.shape", shape, f"expected (batch, seq) = {(batch, seq)}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        _fail(f"{name}.dtype", str(dtype), "expected an integer dtype (int32)")
+
+
+def _check_block(name: str, block, seq: int, where: str):
+    if block is None:
+        return
+    if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block <= 0:
+        _fail(name, block, "expected a positive int")
+    if seq % min(block, seq):
+        _fail(name, block, f"it must divide the {where} sequence length {seq}")
+
+
+def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scale, mesh,
+          seq_axis, batch_axes, head_axis, layout, return_lse, impl_options) -> _Plan:
+    """Validates every argument from shapes and dtypes alone; returns the static plan."""
+    if impl not in IMPLS:
+        _fail("impl", impl, f"expected one of {IMPLS}")
+    if layout not in LAYOUTS:
+        _fail("layout", layout, f"expected one of {LAYOUTS}")
+    unknown = sorted(set(impl_options) - set(IMPL_OPTIONS[impl]))
+    if unknown:
+        _fail("impl_options", unknown, f"impl={impl!r} accepts {list(IMPL_OPTIONS[impl])}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            _fail(f"{name}.shape", getattr(x, "shape", None), "expected [batch, seq, heads, head_dim]")
+        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+            _fail(f"{name}.dtype", str(x.dtype), "expected float32, bfloat16 or float16")
+    if not (q.dtype == k.dtype == v.dtype):
+        _fail("k.dtype/v.dtype", (str(k.dtype), str(v.dtype)), f"expected q's dtype {q.dtype}")
+    batch, seq, heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[:2] != (batch, seq) or k.shape[3] != head_dim:
+        _fail("k.shape/v.shape", (k.shape, v.shape),
+              f"expected both [batch={batch}, seq={seq}, kv_heads, head_dim={head_dim}]")
+    kv_heads = k.shape[2]
+    if heads % kv_heads:
+        _fail("kv_heads", kv_heads, f"q's heads ({heads}) must be a multiple of k/v's heads")
+    _check_ids("segment_ids", segment_ids, batch, seq)
+    _check_ids("positions", positions, batch, seq)
+    if sliding_window is not None and (not isinstance(sliding_window, (int, np.integer))
+                                       or sliding_window <= 0):
+        _fail("sliding_window", sliding_window, "expected None or a positive int")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        _fail("scale", scale, "expected None or a positive float")
+    placement = impl_options.get("placement", "zigzag" if causal else "contiguous")
+    if placement not in PLACEMENTS:
+        _fail("placement", placement, f"expected one of {PLACEMENTS}")
+
+    seq_shards, present_batch, present_head = 1, (), None
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            _fail("mesh", type(mesh).__name__, "expected a jax.sharding.Mesh (lctx.parallel.make_mesh)")
+        present_batch = tuple(a for a in batch_axes if a in mesh.axis_names)
+        present_head = head_axis if head_axis in mesh.axis_names else None
+        if batch % _axis_size(mesh, present_batch):
+            _fail("batch", batch, f"it must be divisible by the mesh's batch axes {present_batch} "
+                  f"(size {_axis_size(mesh, present_batch)})")
+        tensor = mesh.shape[present_head] if present_head else 1
+        if heads % tensor or kv_heads % tensor:
+            _fail("heads/kv_heads", (heads, kv_heads),
+                  f"both must be divisible by the {head_axis!r} axis size {tensor}")
+    if impl in SEQUENCE_PARALLEL:
+        if mesh is None:
+            _fail("mesh", None, f"impl={impl!r} needs a mesh with a {seq_axis!r} axis")
+        if seq_axis not in mesh.axis_names:
+            _fail("seq_axis", seq_axis, f"expected one of the mesh axes {mesh.axis_names}")
+        seq_shards = mesh.shape[seq_axis]
+        multiple = placement_multiple(placement, seq_shards) if (
+            impl == "ring" and layout == "natural") else seq_shards
+        if seq % multiple:
+            _fail("seq", seq, f"impl={impl!r} with layout={layout!r} and {seq_shards} "
+                  f"{seq_axis!r} shards needs a multiple of {multiple}")
+    local_seq = seq // seq_shards
+    if impl == "ulysses":
+        tensor = mesh.shape[present_head] if present_head else 1
+        if not ulysses_heads_ok(heads // tensor, kv_heads // tensor, seq_shards):
+            _fail("heads/kv_heads", (heads, kv_heads),
+                  f"ulysses over {seq_shards} shards needs heads divisible by {seq_shards} and "
+                  f"kv_heads either divisible by it or dividing it")
+        local_seq = seq  # each device attends over the whole sequence for its heads
+    _check_block("block_q", impl_options.get("block_q"), local_seq, "per-device")
+    _check_block("block_k", impl_options.get("block_k"), local_seq, "per-device")
+
+    return _Plan(impl=impl, causal=bool(causal), sliding_window=sliding_window,
+                 scale=float(head_dim**-0.5 if scale is None else scale), mesh=mesh,
+                 seq_axis=seq_axis if impl in SEQUENCE_PARALLEL else None,
+                 batch_axes=present_batch, head_axis=present_head, layout=layout,
+                 placement=placement, block_q=impl_options.get("block_q"),
+                 block_k=impl_options.get("block_k"), return_lse=bool(return_lse))
+
+
+def _specs(plan: _Plan):
+    """PartitionSpecs for (q/k/v/out, ids, lse) under the plan's mesh axes."""
+    batch = plan.batch_axes or None
+    seq = plan.seq_axis
+    return P(batch, seq, plan.head_axis, None), P(batch, seq), P(batch, seq, plan.head_axis)
+
+
+def _local_attention(plan: _Plan):
+    """The per-device function for the plan's impl, `(q, k, v, pos, seg) -> out | (out, lse)`."""
+    options = dict(causal=plan.causal, sliding_window=plan.sliding_window, scale=plan.scale,
+                   return_lse=plan.return_lse)
+    blocks = dict(block_q=plan.block_q, block_k=plan.block_k)
+    if plan.impl == "reference":
+        return lambda q, k, v, pos, seg: reference_attention(
+            q, k, v, positions=pos, segment_ids=seg, **options)
+    if plan.impl == "blockwise":
+        return lambda q, k, v, pos, seg: blockwise_attention(
+            q, k, v, positions=pos, segment_ids=seg, **options, **blocks)
+    strategy = ring_attention if plan.impl == "ring" else ulysses_attention
+    return lambda q, k, v, pos, seg: strategy(
+        q, k, v, axis_name=plan.seq_axis, positions=pos, segment_ids=seg, **options, **blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
+    local = _local_attention(plan)
+    if plan.mesh is None:
+        return local(q, k, v, positions, segment_ids)
+
+    x_spec, id_spec, lse_spec = _specs(plan)
+    permute = plan.impl == "ring" and plan.layout == "natural" and plan.placement != "contiguous"
+    if permute:
+        # Gather along a replicated sequence (natural layout is the convenience path;
+        # the model permutes once at its input and calls with layout="balanced").
+        perm = balanced_permutation(q.shape[1], plan.mesh.shape[plan.seq_axis], plan.placement)
+        x_rep, id_rep = P(*x_spec[:1], None, *x_spec[2:]), P(x_spec[0], None)
+        q, k, v = (compat.constrain(x, plan.mesh, x_rep)[:, perm] for x in (q, k, v))
+        positions = compat.constrain(positions, plan.mesh, id_rep)[:, perm]
+        if segment_ids is not None:
+            segment_ids = compat.constrain(segment_ids, plan.mesh, id_rep)[:, perm]
+
+    q, k, v = (compat.constrain(x, plan.mesh, x_spec) for x in (q, k, v))
+    positions = compat.constrain(positions, plan.mesh, id_spec)
+    seg_spec = None
+    if segment_ids is not None:
+        segment_ids, seg_spec = compat.constrain(segment_ids, plan.mesh, id_spec), id_spec
+    out_specs = (x_spec, lse_spec) if plan.return_lse else x_spec
+    result = compat.shard_map(local, mesh=plan.mesh,
+                              in_specs=(x_spec, x_spec, x_spec, id_spec, seg_spec),
+                              out_specs=out_specs)(q, k, v, positions, segment_ids)
+    if not permute:
+        return result
+    inverse = inverse_permutation(perm)
+    restore = lambda x, spec: compat.constrain(x, plan.mesh, P(spec[0], None, *spec[2:]))[:, inverse]
+    if plan.return_lse:
+        return restore(result[0], x_spec), restore(result[1], lse_spec)
+    return restore(result, x_spec)
+
+
+def attention(q, k, v, *, impl: str, causal: bool = False, segment_ids=None, positions=None,
+              sliding_window: int | None = None, scale: float | None = None,
+              mesh: Mesh | None = None, seq_axis: str = "sequence",
+              batch_axes: tuple[str, ...] = ("data", "fsdp"), head_axis: str = "tensor",
+              layout: str = "natural", return_lse: bool = False, **impl_options):
+    """Exact attention with the chosen implementation.
+
+    Args:
+      q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]` with
+        heads % kv_heads == 0; float32, bfloat16 or float16 (all the same dtype).
+      impl: "reference" (materialised fp32 softmax), "blockwise" (tiled, O(seq)
+        memory), "ring" (sequence sharded over `seq_axis`, K/V rotating) or "ulysses"
+        (all-to-all from sequence to head shards).
+      segment_ids, positions: int `[batch, seq]`; the mask is by position and segment.
+      mesh: required for ring/ulysses. Batch is sharded over the `batch_axes` and heads
+        over `head_axis` that the mesh has. Auto or Explicit axis types.
+      layout: "natural" (token order; ring places tokens load-balanced itself) or
+        "balanced" (the caller already permuted tokens, positions and segment ids with
+        `lctx.kernels.balanced_permutation`).
+      impl_options: block_q, block_k (tile sizes); placement for ring with the natural
+        layout ("zigzag" default for causal, "striped", "contiguous").
+    Returns:
+      `[batch, seq, heads, head_dim]` in q's dtype, plus float32 lse
+      `[batch, seq, heads]` with `return_lse`.
+    """
+    plan = _plan(q, k, v, impl=impl, causal=causal, segment_ids=segment_ids,
+                 positions=positions, sliding_window=sliding_window, scale=scale, mesh=mesh,
+                 seq_axis=seq_axis, batch_axes=tuple(batch_axes), head_axis=head_axis,
+                 layout=layout, return_lse=return_lse, impl_options=impl_options)
+    batch, seq = q.shape[:2]
+    positions = default_positions(batch, seq) if positions is None else positions.astype(jnp.int32)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    return _run(q, k, v, positions, segment_ids, plan=plan)

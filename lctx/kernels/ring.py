@@ -1,0 +1,151 @@
+"""Ring attention (Liu et al. 2023) over a sequence-sharded mesh axis.
+
+Called inside `shard_map`: each device keeps its query shard; key/value shards,
+with their positions and segment ids, rotate one hop per step with `lax.ppermute`.
+The local work per step is the block seam (`fwd_hm` / `bwd_hm`), and partial
+results merge by log-sum-exp. The transfer for step t+1 is issued before step t's
+compute so XLA can overlap them, and K/V are not sent after the last step.
+
+Backward (custom VJP): dQ accumulates locally; dK/dV accumulators in float32
+travel with their K/V shard and, after one final hop, arrive back at the owner.
+Nothing of size `[seq, seq]` and no gathered K/V ever exists.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lctx.kernels import blockwise as bw
+from lctx.kernels.blockwise import MaskSpec
+
+
+def _shift(tree, axis_name: str):
+    """Sends every leaf one hop around the ring: device i -> i + 1."""
+    size = lax.axis_size(axis_name)
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, block_k):
+    """Returns (o float32 `[b, hkv, g, s, d]`, lse `[b, hkv, g, s]`, tiles computed)."""
+    b, hkv, g, s, d = qh.shape
+    steps = lax.axis_size(axis_name)
+
+    def compute(state, kv):
+        o, lse, count = state
+        k_cur, v_cur, pos_cur, seg_cur = kv
+        o_t, lse_t, n = bw.fwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, mask=mask,
+                                  scale=scale, block_q=block_q, block_k=block_k)
+        o, lse = bw.merge_partials(o, lse, o_t, lse_t)
+        return o, lse, count + n
+
+    def step(carry, _):
+        state, kv = carry
+        kv_next = _shift(kv, axis_name)
+        return (compute(state, kv), kv_next), None
+
+    state = (jnp.zeros((b, hkv, g, s, d), jnp.float32),
+             jnp.full((b, hkv, g, s), -jnp.inf, jnp.float32), jnp.int32(0))
+    (state, kv), _ = lax.scan(step, (state, (kh, vh, pos, seg)), None, length=steps - 1)
+    return compute(state, kv)
+
+
+def _ring_backward(qh, kh, vh, pos, seg, do_h, lse, delta, *, axis_name, mask, scale,
+                   block_q, block_k):
+    """Returns float32 (dq `[b, hkv, g, s, d]`, dk, dv `[b, hkv, s, d]`) for the owner."""
+    steps = lax.axis_size(axis_name)
+
+    def compute(dq, kv, dkv):
+        k_cur, v_cur, pos_cur, seg_cur = kv
+        dq_t, dk_t, dv_t = bw.bwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, do_h, lse,
+                                     delta, mask=mask, scale=scale, block_q=block_q,
+                                     block_k=block_k)
+        return dq + dq_t, (dkv[0] + dk_t, dkv[1] + dv_t)
+
+    def step(carry, _):
+        dq, kv, dkv = carry
+        kv_next = _shift(kv, axis_name)
+        dq, dkv = compute(dq, kv, dkv)
+        return (dq, kv_next, _shift(dkv, axis_name)), None
+
+    zeros_kv = jnp.zeros(kh.shape, jnp.float32)
+    carry = (jnp.zeros(qh.shape, jnp.float32), (kh, vh, pos, seg), (zeros_kv, zeros_kv))
+    (dq, kv, dkv), _ = lax.scan(step, carry, None, length=steps - 1)
+    dq, dkv = compute(dq, kv, dkv)
+    dk, dv = _shift(dkv, axis_name)  # the last hop home: the accumulators reach their owner
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k):
+    o, lse, _ = _ring_forward(qh, kh, vh, pos, seg, axis_name=axis_name, mask=mask,
+                              scale=scale, block_q=block_q, block_k=block_k)
+    return o.astype(qh.dtype), lse
+
+
+def _ring_hm_fwd(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k):
+    o, lse = _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k)
+    return (o, lse), (qh, kh, vh, pos, seg, o, lse)
+
+
+def _ring_hm_bwd(axis_name, mask, scale, block_q, block_k, res, cotangents):
+    qh, kh, vh, pos, seg, o, lse = res
+    do, dlse = cotangents
+    delta = bw.delta_hm(o, do) - dlse
+    dq, dk, dv = _ring_backward(qh, kh, vh, pos, seg, do.astype(qh.dtype), lse, delta,
+                                axis_name=axis_name, mask=mask, scale=scale,
+                                block_q=block_q, block_k=block_k)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+
+
+_ring_hm.defvjp(_ring_hm_fwd, _ring_hm_bwd)
+
+
+def _local_positions(batch: int, seq: int, axis_name: str) -> jax.Array:
+    """Positions of a contiguous shard: this device's offset plus arange."""
+    offset = lax.axis_index(axis_name) * seq
+    return jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, positions=None,
+                   sliding_window=None, scale=None, block_q=None, block_k=None,
+                   return_lse=False):
+    """Exact attention over a sequence sharded on `axis_name`; call inside `shard_map`.
+
+    Args (this device's shards): q `[b, s_local, h, d]`; k, v `[b, s_local, h_kv, d]`;
+      positions, segment_ids int32 `[b, s_local]`. Positions default to a contiguous
+      split; a load-balanced layout passes the permuted positions.
+    Returns:
+      out `[b, s_local, h, d]` in q's dtype (and float32 lse `[b, s_local, h]`).
+    """
+    b, s, _, _ = q.shape
+    kv_heads = k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    positions = _local_positions(b, s, axis_name) if positions is None else positions
+    o_h, lse_h = _ring_hm(bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k),
+                          bw.kv_to_head_major(v), positions, segment_ids, axis_name,
+                          MaskSpec(causal, sliding_window), scale, block_q, block_k)
+    out = bw.q_from_head_major(o_h)
+    return (out, bw.lse_from_head_major(lse_h)) if return_lse else out
+
+
+def ring_tiles_computed(q, k, v, *, axis_name: str, causal=False, segment_ids=None,
+                        positions=None, sliding_window=None, scale=None, block_q=None,
+                        block_k=None) -> jax.Array:
+    """int32 scalar: how many `block_q x block_k` tiles this device computed in the
+    ring forward (incremented inside the executed branch). A diagnostic of load
+    balance for tests and benchmarks; call inside `shard_map` like `ring_attention`.
+    """
+    b, s, _, _ = q.shape
+    kv_heads = k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    positions = _local_positions(b, s, axis_name) if positions is None else positions
+    _, _, count = _ring_forward(bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k),
+                                bw.kv_to_head_major(v), positions, segment_ids,
+                                axis_name=axis_name, mask=MaskSpec(causal, sliding_window),
+                                scale=scale, block_q=block_q, block_k=block_k)
+    return count
