@@ -18,8 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lctx import compat
 from lctx.kernels.blockwise import blockwise_attention
-from lctx.kernels.layout import (PLACEMENTS, balanced_permutation, inverse_permutation,
-                                 placement_multiple)
+from lctx.kernels.layout import PLACEMENTS, placement_multiple, to_balanced, to_natural
 from lctx.kernels.reference import default_positions, reference_attention
 from lctx.kernels.ring import ring_attention
 from lctx.kernels.ulysses import ulysses_attention, ulysses_heads_ok
@@ -194,12 +193,14 @@ def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
     if permute:
         # Gather along a replicated sequence (natural layout is the convenience path;
         # the model permutes once at its input and calls with layout="balanced").
-        perm = balanced_permutation(q.shape[1], plan.mesh.shape[plan.seq_axis], plan.placement)
+        shards = plan.mesh.shape[plan.seq_axis]
         x_rep, id_rep = P(*x_spec[:1], None, *x_spec[2:]), P(x_spec[0], None)
-        q, k, v = (compat.constrain(x, plan.mesh, x_rep)[:, perm] for x in (q, k, v))
-        positions = compat.constrain(positions, plan.mesh, id_rep)[:, perm]
+        place = lambda x, spec: to_balanced(compat.constrain(x, plan.mesh, spec), shards,
+                                            plan.placement)
+        q, k, v = (place(x, x_rep) for x in (q, k, v))
+        positions = place(positions, id_rep)
         if segment_ids is not None:
-            segment_ids = compat.constrain(segment_ids, plan.mesh, id_rep)[:, perm]
+            segment_ids = place(segment_ids, id_rep)
 
     q, k, v = (compat.constrain(x, plan.mesh, x_spec) for x in (q, k, v))
     positions = compat.constrain(positions, plan.mesh, id_spec)
@@ -212,8 +213,8 @@ def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
                               out_specs=out_specs)(q, k, v, positions, segment_ids)
     if not permute:
         return result
-    inverse = inverse_permutation(perm)
-    restore = lambda x, spec: compat.constrain(x, plan.mesh, P(spec[0], None, *spec[2:]))[:, inverse]
+    restore = lambda x, spec: to_natural(compat.constrain(x, plan.mesh, P(spec[0], None, *spec[2:])),
+                                         shards, plan.placement)
     if plan.return_lse:
         return restore(result[0], x_spec), restore(result[1], lse_spec)
     return restore(result, x_spec)
@@ -237,7 +238,7 @@ def attention(q, k, v, *, impl: str, causal: bool = False, segment_ids=None, pos
         over `head_axis` that the mesh has. Auto or Explicit axis types.
       layout: "natural" (token order; ring places tokens load-balanced itself) or
         "balanced" (the caller already permuted tokens, positions and segment ids with
-        `lctx.kernels.balanced_permutation`).
+        `lctx.kernels.to_balanced`).
       impl_options: block_q, block_k (tile sizes); placement for ring with the natural
         layout ("zigzag" default for causal, "striped", "contiguous").
     Returns:

@@ -13,6 +13,7 @@ their tokens, so attention (masked by position) is unchanged by the permutation.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 PLACEMENTS = ("zigzag", "striped", "contiguous")
@@ -47,3 +48,37 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(perm.size, dtype=perm.dtype)
     return inverse
+
+
+def to_balanced(x, num_shards: int, placement: str, axis: int = 1):
+    """`natural -> balanced` along `axis` with reshapes and a reverse (no gather).
+
+    Equal to `x.take(balanced_permutation(...), axis)`; written as reshapes so its
+    transpose in the backward pass is also a reshape, not a scatter.
+    """
+    if placement == "contiguous":
+        return x
+    n = x.shape[axis]
+    head, tail = x.shape[:axis], x.shape[axis + 1:]
+    if placement == "striped":
+        y = x.reshape(*head, n // num_shards, num_shards, *tail)
+        return y.swapaxes(axis, axis + 1).reshape(x.shape)
+    y = x.reshape(*head, 2, num_shards, n // (2 * num_shards), *tail)
+    first, second = y[(slice(None),) * axis + (0,)], y[(slice(None),) * axis + (1,)]
+    # Device r holds chunk r and chunk 2P-1-r: pair the first half with the reversed second.
+    pairs = jnp.stack([first, jnp.flip(second, axis)], axis=axis + 1)
+    return pairs.reshape(x.shape)
+
+
+def to_natural(x, num_shards: int, placement: str, axis: int = 1):
+    """Inverse of `to_balanced`."""
+    if placement == "contiguous":
+        return x
+    n = x.shape[axis]
+    head, tail = x.shape[:axis], x.shape[axis + 1:]
+    if placement == "striped":
+        y = x.reshape(*head, num_shards, n // num_shards, *tail)
+        return y.swapaxes(axis, axis + 1).reshape(x.shape)
+    y = x.reshape(*head, num_shards, 2, n // (2 * num_shards), *tail)
+    first, second = y[(slice(None),) * (axis + 1) + (0,)], y[(slice(None),) * (axis + 1) + (1,)]
+    return jnp.stack([first, jnp.flip(second, axis)], axis=axis).reshape(x.shape)

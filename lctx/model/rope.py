@@ -106,12 +106,15 @@ class RopeConfig:
             if key not in params and hf_config.get(key) is not None:
                 params[key] = hf_config[key]
         if hf_config.get("original_max_position_embeddings") is not None:
-            params["original_max_position_embeddings"] = hf_config["original_max_position_embeddings"]
+            params["original_max_position_embeddings"] = hf_config[
+                "original_max_position_embeddings"
+            ]
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise ValueError(
-                f"rope config keys {unknown}: not RoPE parameters lctx knows; allowed: {sorted(allowed)}"
+                f"rope config keys {unknown}: not RoPE parameters lctx knows; "
+                f"allowed: {sorted(allowed)}"
             )
         if (
             "factor" not in params
@@ -119,7 +122,9 @@ class RopeConfig:
             and params.get("max_position_embeddings")
             and params.get("original_max_position_embeddings")
         ):
-            params["factor"] = params["max_position_embeddings"] / params["original_max_position_embeddings"]
+            params["factor"] = (
+                params["max_position_embeddings"] / params["original_max_position_embeddings"]
+            )
         return cls(**params)
 
     def to_hf(self, *, legacy: bool = False) -> dict[str, Any]:
@@ -163,7 +168,9 @@ def _config_problems(cfg: RopeConfig) -> list[str]:
     if cfg.attention_factor is not None and not cfg.attention_factor > 0:
         problems.append(f"attention_factor={cfg.attention_factor!r}: must be > 0 or None")
     if cfg.rope_type == "dynamic" and cfg.max_position_embeddings is None:
-        problems.append("max_position_embeddings=None: rope_type 'dynamic' needs the model context length L")
+        problems.append(
+            "max_position_embeddings=None: rope_type 'dynamic' needs the model context length L"
+        )
     if cfg.rope_type in ("yarn", "longrope") and cfg.context_length is None:
         problems.append(
             f"original_max_position_embeddings=None: rope_type {cfg.rope_type!r} needs it "
@@ -175,20 +182,27 @@ def _config_problems(cfg: RopeConfig) -> list[str]:
         for name in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
             if getattr(cfg, name) is None:
                 problems.append(f"{name}=None: required for rope_type 'llama3'")
-        if None not in (cfg.low_freq_factor, cfg.high_freq_factor) and cfg.high_freq_factor <= cfg.low_freq_factor:
+        if (
+            None not in (cfg.low_freq_factor, cfg.high_freq_factor)
+            and cfg.high_freq_factor <= cfg.low_freq_factor
+        ):
             problems.append(
-                f"high_freq_factor={cfg.high_freq_factor!r}: must be > low_freq_factor={cfg.low_freq_factor!r}"
+                f"high_freq_factor={cfg.high_freq_factor!r}: "
+                f"must be > low_freq_factor={cfg.low_freq_factor!r}"
             )
     if cfg.rope_type == "longrope":
         for name in ("short_factor", "long_factor"):
             if getattr(cfg, name) is None:
-                problems.append(f"{name}=None: required for rope_type 'longrope' (a list of rotary_dim/2 floats)")
+                problems.append(
+                    f"{name}=None: required for rope_type 'longrope' "
+                    "(a list of rotary_dim/2 floats)"
+                )
     return problems
 
 
 # --- the registry ---------------------------------------------------------------
 
-InvFreqFn = Callable[[RopeConfig, int, "int | None"], tuple[np.ndarray, float]]
+InvFreqFn = Callable[[RopeConfig, int, int | None], tuple[np.ndarray, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +313,9 @@ def _yarn_rope(cfg: RopeConfig, d: int, seq_len: int | None) -> tuple[np.ndarray
     return inv_freq, attention_factor
 
 
-@_register("llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+@_register(
+    "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"
+)
 def _llama3_rope(cfg: RopeConfig, d: int, seq_len: int | None) -> tuple[np.ndarray, float]:
     """Llama 3.1: by wavelength w_i = 2 pi / theta_i.
 
@@ -316,7 +332,14 @@ def _llama3_rope(cfg: RopeConfig, d: int, seq_len: int | None) -> tuple[np.ndarr
     return inv_freq, 1.0
 
 
-@_register("longrope", "short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor")
+@_register(
+    "longrope",
+    "short_factor",
+    "long_factor",
+    "original_max_position_embeddings",
+    "factor",
+    "attention_factor",
+)
 def _longrope_rope(cfg: RopeConfig, d: int, seq_len: int | None) -> tuple[np.ndarray, float]:
     """LongRoPE: theta'_i = theta_i / ext_i, ext = long_factor if seq_len > L else short_factor.
 
@@ -342,13 +365,15 @@ def rotary_dim(cfg: RopeConfig, head_dim: int) -> int:
     d = int(head_dim * cfg.partial_rotary_factor)
     if d < 2 or d % 2:
         raise ValueError(
-            f"head_dim={head_dim} (x partial_rotary_factor={cfg.partial_rotary_factor} -> rotary dim {d}): "
-            "the rotary dim must be even and >= 2"
+            f"head_dim={head_dim} (x partial_rotary_factor={cfg.partial_rotary_factor} "
+            f"-> rotary dim {d}): the rotary dim must be even and >= 2"
         )
     return d
 
 
-def inverse_frequencies(cfg: RopeConfig, head_dim: int, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+def inverse_frequencies(
+    cfg: RopeConfig, head_dim: int, seq_len: int | None = None
+) -> tuple[np.ndarray, float]:
     """(inv_freq float64 `[rotary_dim/2]`, attention_factor) for a static seq_len.
 
     seq_len (a Python int, static under jit) matters only for `dynamic` and
@@ -359,7 +384,9 @@ def inverse_frequencies(cfg: RopeConfig, head_dim: int, seq_len: int | None = No
         for name in ("short_factor", "long_factor"):
             n = len(getattr(cfg, name))
             if n != d // 2:
-                raise ValueError(f"{name} has length {n}: must have rotary_dim/2 = {d // 2} entries")
+                raise ValueError(
+                    f"{name} has length {n}: must have rotary_dim/2 = {d // 2} entries"
+                )
     return ROPE_TYPES[cfg.rope_type].compute(cfg, d, seq_len)
 
 
@@ -371,8 +398,9 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     frequency's fractional turns per step t = T / 2^32 + r, T uint32, r < 2^-32.
     On device pos * T wraps mod 2^32 in uint32 arithmetic, which drops exactly the
     whole turns, and pos * r < 0.5 turn is small enough for float32. Each term has
-    rounding error <= ~6e-8 turns, so the angle error stays ~1e-6 rad for every
-    int32 position, negative ones included (two's-complement wraps the same way).
+    rounding error <= ~6e-8 turns, so the angle error stays below ~1e-6 rad for
+    every int32 position, negative ones included (two's complement wraps the same
+    way); measured 5.4e-7 rad near 128K and 1M, 9.8e-7 near 2^31.
     inv_freq must be a concrete host array (it is static), not a tracer.
     """
     turns = np.mod(np.asarray(inv_freq, dtype=np.float64) / (2 * np.pi), 1.0)
@@ -416,7 +444,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig, *, seq_len: int | None = None) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, cfg: RopeConfig, *, seq_len: int | None = None
+) -> jax.Array:
     """RoPE of `cfg` applied to x `[batch, seq, heads, head_dim]` at int32 positions `[batch, seq]`.
 
     Positions may be in any order (e.g. load-balanced). seq_len is the current
