@@ -243,7 +243,7 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
     ks_t, ks_r = _ids_tiles(k_seg, bk)
     zero_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
 
-    def q_step(_, q_in):
+    def q_step(dkv, q_in):
         q_tile, do_tile, lse_t, delta_t, qp, qs, q_ranges = q_in
 
         def grads(dq, k_tile, v_tile, kp, ks, masked):
@@ -274,15 +274,17 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
         dq0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
         dq, (dk_parts, dv_parts) = lax.scan(
             k_step, dq0, (k_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
-        return None, (dq, dk_parts, dv_parts)
+        # dK/dV accumulate in the carry: stacking per-query-tile parts would be O(seq^2).
+        return (dkv[0] + dk_parts, dkv[1] + dv_parts), dq
 
-    _, (dq_tiles, dk_parts, dv_parts) = lax.scan(
-        q_step, None,
+    dkv0 = (jnp.zeros(k_tiles.shape, jnp.float32), jnp.zeros(v_tiles.shape, jnp.float32))
+    (dk_tiles, dv_tiles), dq_tiles = lax.scan(
+        q_step, dkv0,
         (q_tiles, do_tiles, lse_tiles, delta_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
     # dq was taken against the scaled q: d(loss)/d(q) = scale * d(loss)/d(q * scale).
     dq = _merge(dq_tiles, 3) * scale
-    dk = _merge(dk_parts.sum(axis=0), 2)
-    dv = _merge(dv_parts.sum(axis=0), 2)
+    dk = _merge(dk_tiles, 2)
+    dv = _merge(dv_tiles, 2)
     return dq, dk, dv
 
 
