@@ -24,6 +24,13 @@ EXTRAS_REQUIRE = {
         "ringattention==0.1.2",
         "einops>=0.7",
     ],
+    # Hugging Face checkpoint import/export and parity tests. Install torch first as
+    # `pip install torch==2.13.0` (CPU build) where an unpinned torch would pull CUDA.
+    "hf": [
+        "torch>=2.4",
+        "transformers>=4.50,<5.1",
+        "safetensors>=0.4",
+    ],
     "tpu": ["jax[tpu]>=0.7.1"],
     "gpu": ["jax[cuda12]>=0.7.1"],
 }
