@@ -13,6 +13,17 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "numpy>=1.26",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    # Data: TFDS text datasets in array_record format (no TensorFlow), Grain loading.
+    "tensorflow-datasets>=4.9.10,<5",
+    "array-record>=0.8.6",
+    "importlib_resources>=6",
+    "etils[epath]>=1.7",
+    "grain>=0.2.18,<0.3",
+    "sentencepiece>=0.2.0",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
 ]
 
 EXTRAS_REQUIRE = {
@@ -29,7 +40,6 @@ EXTRAS_REQUIRE = {
     "hf": [
         "torch>=2.4",
         "transformers>=4.50,<5.1",
-        "safetensors>=0.4",
     ],
     "tpu": ["jax[tpu]>=0.7.1"],
     "gpu": ["jax[cuda12]>=0.7.1"],
