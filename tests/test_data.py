@@ -271,7 +271,7 @@ def test_builder_builds_and_reads_back_without_tensorflow(corpus, data_dir):
     # Not the duplicates, the binary file, or the hidden directory.
     assert sorted(got) == ["README.txt", "code/queue_ring.py", "code/stack.py",
                            "letters/lighthouse.md", "letters/short.txt", "notes/mountains.txt",
-                           "notes/rivers.txt"]
+                           "notes/rivers.txt", "notes/tides.txt"]
     for rel, text in got.items():
         assert text == (CORPUS / rel).read_text()
     assert corpus.metadata["dedup"]["bytes_saved"] == sum(

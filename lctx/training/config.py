@@ -1,0 +1,312 @@
+"""The run configuration: schema with defaults, per-stage resolution, validation.
+
+Recipes in `configs/` start from `base_config()` and add named stages with
+`stage(...)`; every key a recipe or the command line may set is defined here, so
+an unknown key, a wrong type or an impossible value is caught before anything
+compiles, with one line per problem naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import ConfigDict
+
+from lctx import model as lm
+from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from lctx.kernels.layout import placement_multiple
+from lctx.training.optim import SCHEDULES
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+OPTIMIZER_STATE = ("fresh", "carry")
+
+
+def base_config() -> ConfigDict:
+    """Every key of a run, with defaults. Recipes override and add stages."""
+    c = ConfigDict()
+    c.name = "run"  # recipe name; the default workdir is runs/<name>
+    c.workdir = ""  # run directory; rerunning the same command resumes ("" -> runs/<name>)
+    c.seed = 0  # parameter init and data shuffling
+    c.init_from = ""  # lctx checkpoint directory to start from (python -m lctx.convert hf-to-lctx)
+
+    # Model: a preset name plus any lctx.model.ModelConfig field to override.
+    c.model = ConfigDict()
+    c.model.preset = "tiny"
+    c.model.attention_impl = "blockwise"  # reference | blockwise | ring | ulysses
+    c.model.attention_options = ConfigDict()  # block_q, block_k, layout, placement
+    c.model.remat = "none"  # none | full | save_attention
+    c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU)
+    c.model.param_dtype = "float32"
+    c.model.ffn_chunk = ml_collections.config_dict.placeholder(int)  # blockwise feed-forward chunk
+    c.model.max_position_embeddings = ml_collections.config_dict.placeholder(int)
+
+    # Mesh sizes over (data, fsdp, sequence, tensor); -1 takes the remaining devices.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+
+    c.data = ConfigDict()
+    c.data.corpus_dir = ""  # directory of text files; "" -> this Python's standard library
+    c.data.tfds_name = ""  # a named TFDS dataset instead (e.g. "pg19"), read from tfds_data_dir
+    c.data.tfds_data_dir = ""  # where TFDS datasets live ("" -> runs/<name>/../tfds)
+    c.data.tokenizer = "byte"  # byte | path/to/spm.model | path/to/tokenizer.json
+    c.data.validation_fraction = 0.05  # held-out share of files, split by path hash
+    c.data.dedup = "exact"  # none | exact | near (duplicate file removal)
+
+    c.stage_order = ()  # stage names in the order they run (ConfigDict sorts its keys)
+    c.stages = ConfigDict()
+
+    c.optimizer = ConfigDict()
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 1.0  # global-norm gradient clipping (0 disables)
+    c.optimizer.decay_norms_and_embeddings = False
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every_steps = 100  # also saved at every stage end and on SIGTERM/SIGINT
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress-bar cadence
+
+    c.eval = ConfigDict()
+    c.eval.lengths = (256, 512, 1024, 2048)  # held-out perplexity at these lengths
+    c.eval.stride = 256  # sliding-window stride: only the last `stride` tokens are scored
+    c.eval.max_tokens = 65536  # held-out tokens scored per length
+    c.eval.batch_size = 1
+    return c
+
+
+def stage(*, seq_len: int, batch_size: int, steps: int, learning_rate: float,
+          warmup_steps: int = 0, schedule: str = "cosine", final_lr_fraction: float = 0.1,
+          rope_scaling: dict | None = None, optimizer_state: str = "fresh", min_doc_len: int = 0,
+          grad_accum_steps: int = 1, model: dict | None = None, mesh: dict | None = None) -> ConfigDict:
+    """One stage's keys (see `STAGE_FIELDS`)."""
+    values = dict(seq_len=seq_len, batch_size=batch_size, steps=steps, learning_rate=learning_rate,
+                  warmup_steps=warmup_steps, schedule=schedule, final_lr_fraction=final_lr_fraction,
+                  rope_scaling=rope_scaling, optimizer_state=optimizer_state, min_doc_len=min_doc_len,
+                  grad_accum_steps=grad_accum_steps, model=model, mesh=mesh)
+    c = ConfigDict(values)
+    for key in ("rope_scaling", "model", "mesh"):
+        if values[key] is None:
+            c[key] = ml_collections.config_dict.placeholder(dict)
+    return c
+
+
+STAGE_FIELDS = {
+    "seq_len": "tokens per sequence",
+    "batch_size": "global batch (sequences)",
+    "steps": "optimizer updates",
+    "learning_rate": "peak learning rate",
+    "warmup_steps": "linear warmup",
+    "schedule": "cosine | constant | linear after warmup",
+    "final_lr_fraction": "end learning rate / peak",
+    "rope_scaling": "HF-style rope scaling dict (None: the model's)",
+    "optimizer_state": "fresh | carry from the previous stage",
+    "min_doc_len": "only sample windows from documents at least this long (0: all)",
+    "grad_accum_steps": "micro-batches per update",
+    "model": "overrides of config.model for this stage",
+    "mesh": "overrides of config.mesh for this stage",
+}
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _as_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    return value.to_dict() if isinstance(value, ConfigDict) else dict(value)
+
+
+def model_overrides(config: ConfigDict, stage_name: str) -> dict[str, Any]:
+    """The ModelConfig overrides of a stage: config.model, then the stage's model and rope_scaling."""
+    values = _as_dict(config.model)
+    values.update(_as_dict(config.stages[stage_name].get("model")))
+    values.pop("preset", None)
+    values = {k: v for k, v in values.items() if v is not None}
+    values["attention_options"] = dict(values.get("attention_options", {}))
+    scaling = config.stages[stage_name].get("rope_scaling")
+    if scaling is not None:
+        values["rope_scaling"] = _as_dict(scaling)
+    return values
+
+
+def model_config(config: ConfigDict, stage_name: str) -> lm.ModelConfig:
+    """The validated ModelConfig a stage trains."""
+    preset = _as_dict(config.stages[stage_name].get("model")).get("preset", config.model.preset)
+    return lm.preset(preset, **model_overrides(config, stage_name))
+
+
+def mesh_shape(config: ConfigDict, stage_name: str, num_devices: int) -> dict[str, int]:
+    """Mesh sizes of a stage with -1 filled from the device count (may not match: validate)."""
+    sizes = {**_as_dict(config.mesh), **_as_dict(config.stages[stage_name].get("mesh"))}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) == 1 and known > 0 and num_devices % known == 0:
+        sizes[fill[0]] = num_devices // known
+    return sizes
+
+
+def workdir(config: ConfigDict) -> str:
+    return config.workdir or os.path.join("runs", config.name)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_problems(config: ConfigDict, schema: ConfigDict, prefix: str) -> list[str]:
+    """Unknown keys and wrong types, recursively, against the schema's defaults."""
+    problems = []
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            problems.append(f"{name}: unknown key; allowed: {', '.join(sorted(schema.keys()))}")
+            continue
+        value, default = config[key], schema[key]
+        if isinstance(default, ConfigDict):
+            if key in ("attention_options", "stages"):  # free-form; checked per stage / by the model
+                continue
+            if isinstance(value, ConfigDict):
+                problems += _type_problems(value, default, name + ".")
+            else:
+                problems.append(f"{name}={value!r}: expected a group of keys")
+        elif default is not None and value is not None and not _same_kind(value, default):
+            problems.append(f"{name}={value!r}: expected {type(default).__name__}")
+    return problems
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _stage_problems(config: ConfigDict, name: str, num_devices: int) -> list[str]:
+    s = config.stages[name]
+    key = f"stages.{name}"
+    problems = []
+    unknown = sorted(set(s.keys()) - set(STAGE_FIELDS))
+    for k in unknown:
+        problems.append(f"{key}.{k}: unknown key; allowed: {', '.join(STAGE_FIELDS)}")
+    for field in ("seq_len", "batch_size", "steps", "grad_accum_steps"):
+        value = s.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key}.{field}={value!r}: expected a positive int")
+    for field in ("warmup_steps", "min_doc_len"):
+        value = s.get(field, 0)
+        if not isinstance(value, int) or value < 0:
+            problems.append(f"{key}.{field}={value!r}: expected an int >= 0")
+    lr = s.get("learning_rate")
+    if not isinstance(lr, (int, float)) or lr < 0:
+        problems.append(f"{key}.learning_rate={lr!r}: expected a float >= 0")
+    if s.get("schedule") not in SCHEDULES:
+        problems.append(f"{key}.schedule={s.get('schedule')!r}: expected one of {', '.join(SCHEDULES)}")
+    if s.get("optimizer_state") not in OPTIMIZER_STATE:
+        problems.append(f"{key}.optimizer_state={s.get('optimizer_state')!r}: expected one of "
+                        f"{', '.join(OPTIMIZER_STATE)}")
+    if problems:
+        return problems
+
+    try:
+        mc = model_config(config, name)
+    except ValueError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:]] or [str(err)]
+        return [f"{key} model: {ln}" for ln in lines]
+
+    sizes = mesh_shape(config, name, num_devices)
+    bad_axes = sorted(set(sizes) - set(MESH_AXES))
+    if bad_axes:
+        return [f"{key} mesh: unknown axes {bad_axes}; allowed: {', '.join(MESH_AXES)}"]
+    if any(not isinstance(v, int) or v <= 0 for v in sizes.values()) or math.prod(sizes.values()) != num_devices:
+        return [f"{key} mesh={sizes}: the product of the axis sizes must equal the {num_devices} "
+                "devices (one axis may be -1 to fill)"]
+    seq_len, batch = s.seq_len, s.batch_size
+    data_parallel = sizes["data"] * sizes["fsdp"]
+    if batch % (data_parallel * s.grad_accum_steps):
+        problems.append(f"{key}.batch_size={batch}: must be divisible by data x fsdp ({data_parallel}) "
+                        f"x grad_accum_steps ({s.grad_accum_steps})")
+    shards = sizes["sequence"]
+    local = seq_len
+    if mc.attention_impl == "ring":
+        placement = mc.attention_options.get("placement", "zigzag")
+        multiple = placement_multiple(placement, shards)
+        if seq_len % multiple:
+            problems.append(f"{key}.seq_len={seq_len}: ring attention over {shards} sequence shards "
+                            f"({placement}) needs a multiple of {multiple}")
+            return problems
+        local = seq_len // shards
+    elif mc.attention_impl == "ulysses" and seq_len % shards:
+        problems.append(f"{key}.seq_len={seq_len}: ulysses over {shards} shards needs a multiple of {shards}")
+    if mc.attention_impl in ("blockwise", "ring", "ulysses"):
+        for opt, default in (("block_q", DEFAULT_BLOCK_Q), ("block_k", DEFAULT_BLOCK_K)):
+            block = min(mc.attention_options.get(opt, default), local)
+            if local % block:
+                problems.append(f"{key}.seq_len={seq_len}: model.attention_options.{opt}={block} must "
+                                f"divide the per-device sequence length {local}")
+    if mc.ffn_chunk and seq_len % mc.ffn_chunk:
+        problems.append(f"{key}.seq_len={seq_len}: model.ffn_chunk={mc.ffn_chunk} must divide it")
+    return problems
+
+
+def problems(config: ConfigDict, num_devices: int) -> list[str]:
+    """Every problem with `config` on `num_devices` devices, one line each."""
+    found = _type_problems(config, base_config(), "")
+    if found:
+        return found
+    order = tuple(config.stage_order)
+    if not order:
+        found.append("stage_order=(): expected at least one stage name")
+    missing = [n for n in order if n not in config.stages]
+    if missing:
+        found.append(f"stage_order={order!r}: no stages named {missing}; defined: {sorted(config.stages.keys())}")
+    unused = sorted(set(config.stages.keys()) - set(order))
+    if unused:
+        found.append(f"stages: {unused} are not in stage_order={order!r}")
+    for name in order:
+        if name in config.stages:
+            found += _stage_problems(config, name, num_devices)
+    found += _data_problems(config)
+    if config.init_from and not os.path.isdir(config.init_from):
+        found.append(f"init_from={config.init_from!r}: no such checkpoint directory")
+    if config.checkpoint.every_steps < 0 or config.checkpoint.keep <= 0:
+        found.append(f"checkpoint: every_steps={config.checkpoint.every_steps} must be >= 0 and "
+                     f"keep={config.checkpoint.keep} > 0")
+    if config.log_every_steps <= 0:
+        found.append(f"log_every_steps={config.log_every_steps}: expected a positive int")
+    return found
+
+
+def _data_problems(config: ConfigDict) -> list[str]:
+    d = config.data
+    found = []
+    if d.corpus_dir and not os.path.isdir(d.corpus_dir):
+        found.append(f"data.corpus_dir={d.corpus_dir!r}: no such directory")
+    if d.corpus_dir and d.tfds_name:
+        found.append("data.corpus_dir and data.tfds_name: give one source, not both")
+    if d.tfds_data_dir and d.tfds_name and not os.path.isdir(d.tfds_data_dir):
+        found.append(f"data.tfds_data_dir={d.tfds_data_dir!r}: no such directory")
+    tok = d.tokenizer
+    if tok != "byte" and not (os.path.isfile(tok) and tok.endswith((".model", ".json"))):
+        found.append(f"data.tokenizer={tok!r}: expected 'byte', a SentencePiece .model file or a "
+                     "Hugging Face tokenizer.json file that exists")
+    if not 0.0 < d.validation_fraction < 1.0:
+        found.append(f"data.validation_fraction={d.validation_fraction}: expected a value in (0, 1)")
+    if d.dedup not in ("none", "exact", "near"):
+        found.append(f"data.dedup={d.dedup!r}: expected none, exact or near")
+    return found
+
+
+def describe(config: ConfigDict) -> dict[str, Any]:
+    """A JSON-able copy of the config (written into the run directory and checkpoints)."""
+    return config.to_dict()
+

@@ -1,0 +1,371 @@
+"""The stage loop: pretrain short, then extend, with exact resume.
+
+`run(config)` trains every stage in `config.stage_order`. A stage starts from the
+previous stage's final parameters (optimizer state fresh or carried). Checkpoints
+record the stage, the step within it and the data iterator's position, so rerunning
+the same command after a crash or preemption continues with the same batches and,
+on CPU, bitwise the same losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from lctx import data as ld
+from lctx import model as lm
+from lctx import parallel
+from lctx.training import config as cfg
+from lctx.training.checkpoint import Checkpointer, abstract_like
+from lctx.training.metrics import MetricsWriter, plot_loss_curve
+from lctx.training.optim import learning_rate_schedule, make_optimizer
+from lctx.training.step import TrainState, train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, data that does not fit the model)."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """Everything compiled for one stage."""
+
+    name: str
+    index: int
+    first_global_step: int
+    settings: ConfigDict
+    model_config: lm.ModelConfig
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    step_fn: Callable
+
+    @property
+    def steps(self) -> int:
+        return self.settings.steps
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _build_stage(config: ConfigDict, index: int) -> Stage:
+    name = config.stage_order[index]
+    settings = config.stages[name]
+    model_config = cfg.model_config(config, name)
+    sizes = cfg.mesh_shape(config, name, jax.device_count())
+    mesh = parallel.make_mesh(**sizes)
+    schedule = learning_rate_schedule(settings.learning_rate, settings.steps, settings.warmup_steps,
+                                      settings.schedule, settings.final_lr_fraction)
+    o = config.optimizer
+    tx = make_optimizer(learning_rate=schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                        eps=o.eps, clip_norm=o.clip_norm,
+                        decay_norms_and_embeddings=o.decay_norms_and_embeddings)
+    param_sh = lm.param_shardings(model_config, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract_params = _unboxed_abstract(model_config)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda _, sh: sh, abstract_opt, param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    state_sh = TrainState(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    batch_sh = NamedSharding(mesh, P(batch_axes, None))
+    step = jax.jit(
+        lambda state, batch: train_step(state, batch, model_config=model_config, tx=tx,
+                                        schedule=schedule, mesh=mesh,
+                                        accum_steps=settings.grad_accum_steps),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    first = sum(config.stages[n].steps for n in config.stage_order[:index])
+    return Stage(name, index, first, settings, model_config, mesh, tx, schedule, state_sh,
+                 batch_sh, step)
+
+
+def _unboxed_abstract(model_config: lm.ModelConfig) -> Any:
+    import flax.linen as nn
+
+    return nn.meta.unbox(lm.abstract_params(model_config))
+
+
+def _abstract_state(stage: Stage) -> TrainState:
+    params = _unboxed_abstract(stage.model_config)
+    abstract = TrainState(params=params, opt_state=jax.eval_shape(stage.tx.init, params),
+                          step=jax.ShapeDtypeStruct((), jnp.int32),
+                          rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, stage.state_shardings)
+
+
+def _initial_params(config: ConfigDict, stage: Stage) -> Any:
+    if config.init_from:
+        from lctx.convert.checkpoint import load_checkpoint
+
+        loaded_config, params = load_checkpoint(config.init_from)
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
+            if getattr(loaded_config, field) != getattr(stage.model_config, field):
+                raise TrainingError(f"init_from={config.init_from!r}: {field}="
+                                    f"{getattr(loaded_config, field)} but the model has "
+                                    f"{getattr(stage.model_config, field)}")
+        return jax.device_put(params, stage.state_shardings.params)
+    return lm.init(stage.model_config, jax.random.key(config.seed), mesh=stage.mesh)
+
+
+def _fresh_state(stage: Stage, params: Any, seed: int, opt_state: Any = None) -> TrainState:
+    params = jax.device_put(params, stage.state_shardings.params)
+    if opt_state is None:
+        opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings.opt_state)(params)
+    else:
+        opt_state = jax.device_put(opt_state, stage.state_shardings.opt_state)
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1 + stage.index))
+    step, rng = jax.device_put((jnp.int32(0), rng), (stage.state_shardings.step, stage.state_shardings.rng))
+    return TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _check_tokenizer(tokenizer: ld.Tokenizer, stage: Stage) -> None:
+    if tokenizer.vocab_size > stage.model_config.vocab_size:
+        raise TrainingError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's "
+                            f"vocab_size is {stage.model_config.vocab_size}")
+
+
+def _train_batches(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer, stage: Stage,
+                   data_state: dict | None) -> Iterator:
+    if jax.process_count() > 1:
+        raise TrainingError("multi-process training is not supported yet (data sharding by "
+                            "data-parallel coordinate across hosts is tracked by the multi-host issue)")
+    s = stage.settings
+    dataset = ld.make_dataset(corpus.splits["train"], tokenizer, seq_len=s.seq_len,
+                              batch_size=s.batch_size, seed=config.seed + stage.index,
+                              text_key=corpus.text_key, min_doc_len=s.min_doc_len)
+    iterator = iter(dataset)
+    if data_state is not None:
+        iterator.set_state(data_state)
+    return iterator
+
+
+def _to_device(batch: dict[str, np.ndarray], stage: Stage) -> dict[str, jax.Array]:
+    batch = {k: batch[k] for k in ld.BATCH_KEYS}
+    batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
+    return jax.device_put(batch, stage.batch_sharding)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT (TPU preemption, Ctrl-C) into a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _meta(config: ConfigDict, stage: Stage, stage_step: int, data_state: Any) -> dict[str, Any]:
+    return {"stage": stage.name, "stage_index": stage.index, "stage_step": stage_step,
+            "data_state": data_state, "config": cfg.describe(config)}
+
+
+def _progress(stage: Stage, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=stage.steps, initial=start, desc=f"{stage.name} (seq {stage.settings.seq_len})",
+                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, iterator: Iterator,
+                 checkpointer: Checkpointer, writer: MetricsWriter, stop: _StopRequest,
+                 first_step: int) -> tuple[TrainState, dict[str, float], bool]:
+    """Runs a stage from `first_step`; returns (state, stage stats, stopped_by_signal)."""
+    s = stage.settings
+    tokens_per_step = s.batch_size * s.seq_len
+    bar = _progress(stage, first_step)
+    losses, start_time, timed_steps = [], None, 0
+    interval_start, interval_steps = time.time(), 0
+    for stage_step in range(first_step, stage.steps):
+        batch = _to_device(next(iterator), stage)
+        state, metrics = stage.step_fn(state, batch)
+        global_step = stage.first_global_step + stage_step + 1
+        if not bool(metrics["finite"]):
+            bar.close()
+            raise TrainingError(
+                f"non-finite loss or gradient at stage {stage.name!r} step {stage_step + 1} "
+                f"(loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); "
+                f"the last good checkpoint in {checkpointer.directory} is kept")
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        if start_time is None:  # exclude the first step (compilation) from throughput
+            start_time = time.time()
+        else:
+            timed_steps += 1
+        interval_steps += 1
+        done = stage_step + 1
+        if done % config.log_every_steps == 0 or done == stage.steps:
+            elapsed = max(time.time() - interval_start, 1e-9)
+            tps = interval_steps * tokens_per_step / elapsed
+            writer.write({"stage": stage.name, "step": done, "global_step": global_step,
+                          "loss": loss, "lr": float(metrics["lr"]),
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "accuracy": float(metrics["accuracy"]), "tokens_per_sec": round(tps, 1)},
+                         global_step)
+            interval_start, interval_steps = time.time(), 0
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        bar.update(1)
+        stage_done = done == stage.steps
+        if stage_done or checkpointer.due(global_step) or stop.signum is not None:
+            checkpointer.save(global_step, state, _meta(config, stage, done, iterator.get_state()))
+        if stop.signum is not None and not stage_done:
+            bar.close()
+            return state, {}, True
+    bar.close()
+    elapsed = time.time() - start_time if start_time else 0.0
+    stats = {"final_loss": losses[-1] if losses else float("nan"),
+             "tokens_per_sec": timed_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")}
+    return state, stats, False
+
+
+def _resume(checkpointer: Checkpointer, config: ConfigDict, stages: dict[int, Stage]):
+    """(stage index, stage step, data state, state) from the latest good checkpoint, or None."""
+    def abstract_for(meta):
+        index = meta["stage_index"]
+        if index not in stages:
+            stages[index] = _build_stage(config, index)
+        return _abstract_state(stages[index])
+
+    found = checkpointer.restore_latest(abstract_for)
+    if found is None:
+        return None
+    step, meta, state = found
+    names = tuple(config.stage_order)
+    if meta["stage_index"] >= len(names) or names[meta["stage_index"]] != meta["stage"]:
+        raise TrainingError(f"checkpoint {step} in {checkpointer.directory} is from stage "
+                            f"{meta['stage']!r}, which is not stage {meta['stage_index']} of "
+                            f"stage_order={names}; use a new workdir for a different recipe")
+    log.info("resuming from checkpoint %d: stage %s step %d", step, meta["stage"], meta["stage_step"])
+    return meta["stage_index"], meta["stage_step"], meta["data_state"], state
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+    """Trains every stage of `config` (validated beforehand); returns the run summary."""
+    run_dir = os.path.abspath(cfg.workdir(config))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg.describe(config), f, indent=1, default=str)
+
+    corpus = open_run_corpus(config, run_dir)
+    tokenizer = ld.make_tokenizer(config.data.tokenizer)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                every_steps=config.checkpoint.every_steps,
+                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    writer = MetricsWriter(run_dir)
+    stages: dict[int, Stage] = {}
+    summary: dict[str, Any] = {"run_dir": run_dir, "corpus": corpus.name, "stages": {}}
+    try:
+        resumed = _resume(checkpointer, config, stages)
+        state = None
+        with _StopRequest() as stop:
+            for index, name in enumerate(config.stage_order):
+                if resumed is not None and index < resumed[0]:
+                    continue
+                stage = stages.get(index) or _build_stage(config, index)
+                stages[index] = stage
+                _check_tokenizer(tokenizer, stage)
+                first_step, data_state = 0, None
+                if resumed is not None and index == resumed[0]:
+                    _, first_step, data_state, state = resumed
+                    resumed = None
+                elif state is None:
+                    state = _fresh_state(stage, _initial_params(config, stage), config.seed)
+                else:
+                    carry = stage.settings.optimizer_state == "carry"
+                    state = _fresh_state(stage, state.params, config.seed,
+                                         state.opt_state if carry else None)
+                if first_step >= stage.steps:
+                    summary["stages"][name] = {"resumed_complete": True}
+                    continue
+                iterator = _train_batches(config, corpus, tokenizer, stage, data_state)
+                state, stats, stopped = _train_stage(config, stage, state, iterator, checkpointer,
+                                                     writer, stop, first_step)
+                if stopped:
+                    checkpointer.wait()
+                    name_of = signal.Signals(stop.signum).name
+                    print(f"lctx.train: {name_of} received; checkpoint saved in "
+                          f"{checkpointer.directory}; rerun the same command to resume",
+                          file=sys.stderr)
+                    summary["interrupted"] = name_of
+                    return summary
+                summary["stages"][name] = stats
+        checkpointer.wait()
+        summary["loss_curve"] = plot_loss_curve(run_dir, tuple(config.stage_order))
+        final = stages[len(config.stage_order) - 1]
+        summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config, state.params)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=float)
+    return summary
+
+
+def open_run_corpus(config: ConfigDict, run_dir: str) -> ld.Corpus:
+    """The run's corpus, built once into the TFDS data dir; its manifest recorded in the run."""
+    d = config.data
+    data_dir = d.tfds_data_dir or os.path.join(os.path.dirname(run_dir), "tfds")
+    corpus = ld.open_corpus(data_dir=data_dir, corpus_dir=d.corpus_dir or "stdlib",
+                            tfds_name=d.tfds_name, validation_fraction=d.validation_fraction,
+                            dedup=ld.DedupOptions(exact=d.dedup in ("exact", "near"), near=d.dedup == "near"))
+    if corpus.manifest is not None and jax.process_index() == 0:
+        corpus.manifest.write(os.path.join(run_dir, "corpus_manifest.json"))
+        print(corpus.summary(), file=sys.stderr)
+    return corpus
+
+
+def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
+                 model_config: lm.ModelConfig, params: Any) -> dict[str, Any]:
+    """Held-out perplexity and bits per byte at `config.eval.lengths` (sliding windows)."""
+    from lctx.eval.perplexity import perplexity_by_length
+
+    held_out = corpus.splits["validation"]
+    by_length = perplexity_by_length(model_config, params, held_out, tokenizer,
+                                     lengths=tuple(config.eval.lengths), stride=config.eval.stride,
+                                     max_tokens=config.eval.max_tokens, text_key=corpus.text_key,
+                                     batch_size=config.eval.batch_size)
+    texts = lambda split: (split[i][corpus.text_key] for i in range(len(split)))
+    unigram = ld.unigram_bits_per_byte(texts(corpus.splits["train"]), texts(held_out), tokenizer)
+    return {"lengths": by_length, "unigram_bits_per_byte": unigram}
+
