@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from lctx import kernels, parallel
+from lctx import compat, kernels, parallel
 from lctx.kernels.layout import placement_multiple
 from lctx.model.config import ModelConfig
 from lctx.model.loss import chunked_cross_entropy, default_chunk
@@ -49,7 +49,7 @@ def _boxed_init(config: ModelConfig, rng: jax.Array) -> Any:
 
 
 def abstract_params(config: ModelConfig) -> Any:
-    """ShapeDtypeStructs of the parameters, boxed with their logical axis names (nothing allocated)."""
+    """ShapeDtypeStructs of the parameters boxed with their logical axis names (no allocation)."""
     config.validate()
     return jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
 
@@ -68,7 +68,7 @@ def param_count(config: ModelConfig) -> int:
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
-    """NamedShardings for `init`'s parameter tree on `mesh` (FSDP over fsdp/sequence, TP over tensor)."""
+    """NamedShardings for `init`'s parameters on `mesh`: FSDP over fsdp x sequence, TP over tensor."""
     return parallel.param_shardings(abstract_params(config), mesh)
 
 
@@ -95,6 +95,11 @@ def _check_inputs(config: ModelConfig, tokens: jax.Array, mesh: Mesh | None,
                   named: dict[str, jax.Array | None]) -> None:
     """One ValueError naming the argument, its value and what is allowed."""
     problems = []
+    if mesh is not None and compat.is_explicit(mesh):
+        # Explicit axes put sharding in the types: every gather and matmul would need
+        # out_sharding annotations. The model relies on the compiler's propagation.
+        problems.append(f"mesh axis_types={tuple(mesh.axis_types)}: the model needs Auto axes "
+                        "(lctx.parallel.make_mesh's default)")
     if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         problems.append(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                         f"{getattr(tokens, 'dtype', None)}: must be int [batch, seq]")
@@ -104,10 +109,11 @@ def _check_inputs(config: ModelConfig, tokens: jax.Array, mesh: Mesh | None,
                 problems.append(f"{name}.shape={value.shape}: must equal tokens.shape "
                                 f"{tokens.shape}")
         seq = tokens.shape[1]
-        local = seq // length_shards((tokens.shape[0], seq, config.d_model), mesh)
-        if config.ffn_chunk is not None and config.ffn_chunk < local and local % config.ffn_chunk:
-            problems.append(f"ffn_chunk={config.ffn_chunk}: must divide the per-shard sequence "
-                            f"length {local}")
+        shards = length_shards((tokens.shape[0], seq, config.d_model), mesh)
+        chunk = config.ffn_chunk
+        if chunk is not None and chunk < seq and (seq % chunk or chunk % shards):
+            problems.append(f"ffn_chunk={chunk}: must divide the sequence length {seq} and be "
+                            f"a multiple of the {shards} sequence shards")
         impl = config.attention_impl
         if impl in ("ring", "ulysses"):
             if mesh is None or "sequence" not in mesh.shape:
@@ -115,7 +121,7 @@ def _check_inputs(config: ModelConfig, tokens: jax.Array, mesh: Mesh | None,
                                 "'sequence' axis (lctx.parallel.make_mesh)")
             else:
                 shards = mesh.shape["sequence"]
-                placement, permute = _ring_layout(config)
+                placement, _ = _ring_layout(config)
                 multiple = placement_multiple(placement, shards) if impl == "ring" else shards
                 if seq % multiple:
                     problems.append(
@@ -181,9 +187,9 @@ def loss(config: ModelConfig, params: Params, tokens: jax.Array, targets: jax.Ar
     """Mean next-token cross-entropy over the masked tokens, and metrics.
 
     tokens, targets int `[batch, seq]`; loss_mask `[batch, seq]` (default all ones).
-    chunk: positions of each sequence shard whose logits exist at once (default:
-    the largest divisor of the per-shard length keeping one chunk of float32
-    logits under 64 MiB per device).
+    chunk: sequence positions whose logits exist at once, split over the sequence
+    shards (default: the largest keeping one chunk of float32 logits under 64 MiB
+    per device).
     Returns (loss, {"loss", "tokens": mask sum, "accuracy": argmax hit rate}).
     """
     if loss_mask is None:
@@ -198,7 +204,7 @@ def loss(config: ModelConfig, params: Params, tokens: jax.Array, targets: jax.Ar
     head = model.apply(variables, method=Llama.head)
     shards = length_shards(hidden.shape, mesh)
     rows = batch // parallel.dim_shards(("batch",), (batch,), 0, mesh)  # per device
-    chunk = chunk or default_chunk(rows, seq // shards, config.vocab_size)
+    chunk = chunk or shards * default_chunk(rows, seq // shards, config.vocab_size)
     nll, correct = chunked_cross_entropy(hidden, head, extra["targets"], extra["loss_mask"],
                                          tied=config.tie_embeddings, chunk=chunk, shards=shards)
     n_tokens = jnp.sum(extra["loss_mask"].astype(jnp.float32))

@@ -50,7 +50,7 @@ class ModelConfig:
     # Hashable mapping: block_q, block_k (tile sizes), placement (ring), layout (ring).
     attention_options: Mapping[str, Any] = FrozenDict()
     remat: str = "none"
-    ffn_chunk: int | None = None  # blockwise FFN: tokens per chunk of each sequence shard
+    ffn_chunk: int | None = None  # blockwise FFN: tokens per step (split over sequence shards)
     max_position_embeddings: int = 2048
     sliding_window: int | None = None
 
@@ -203,7 +203,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _rope_from_scaling(scaling: RopeConfig | Mapping[str, Any] | None, base: RopeConfig,
                        max_position_embeddings: int) -> RopeConfig:
-    """A `rope_scaling` override as a RopeConfig: given, or an HF-style dict on the preset's theta."""
+    """A `rope_scaling` override as a RopeConfig: as given, or an HF-style dict read on top
+    of the preset's rope_theta."""
     if isinstance(scaling, RopeConfig):
         return scaling
     hf = {"rope_theta": base.rope_theta, "max_position_embeddings": max_position_embeddings,

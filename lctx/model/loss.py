@@ -20,7 +20,7 @@ DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 def default_chunk(rows: int, local_seq: int, vocab: int) -> int:
-    """The largest divisor of `local_seq` whose chunk of logits (rows x chunk x vocab) fits the budget."""
+    """The largest divisor of `local_seq` with rows x chunk x vocab logits within the budget."""
     limit = max(1, DEFAULT_CHUNK_ELEMENTS // (rows * vocab))
     return max(d for d in range(1, min(local_seq, limit) + 1) if local_seq % d == 0)
 
@@ -34,15 +34,17 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
       hidden: final-normed hidden states `[b, s, D]`.
       head: `[D, V]` (or the tied `[V, D]` embedding).
       targets: int `[b, s]`; mask: `[b, s]` (0/1 or weights).
-      chunk: positions of each of the `shards` sequence shards per step; must
-        divide s / shards.
+      chunk: sequence positions per step, chunk / shards from each of the `shards`
+        sequence shards (as `hidden` is sharded); must divide s, a multiple of shards.
     Returns:
       float32 scalars (sum of mask * (logsumexp(logits) - logits[target]),
       sum of mask * (argmax == target)).
     """
-    local = hidden.shape[1] // shards
-    if local % chunk:
-        raise ValueError(f"chunk={chunk}: must divide the per-shard sequence length {local}")
+    seq = hidden.shape[1]
+    if seq % chunk or chunk % shards:
+        raise ValueError(f"chunk={chunk}: must divide the sequence length {seq} and be a "
+                         f"multiple of the {shards} sequence shards")
+    local, chunk = seq // shards, chunk // shards
     mask = mask.astype(jnp.float32)
 
     def steps(x):  # [b, s, ...] -> [n, b, chunk, shards, ...]: scan over the chunk index
@@ -63,5 +65,6 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
         return (carry[0] + nll, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
-    (nll_sum, correct_sum), _ = lax.scan(step, (zero, zero), [steps(x) for x in (hidden, targets, mask)])
+    xs = [steps(x) for x in (hidden, targets, mask)]
+    (nll_sum, correct_sum), _ = lax.scan(step, (zero, zero), xs)
     return nll_sum, correct_sum

@@ -56,7 +56,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """down(silu(x @ gate) * (x @ up)), position-wise: x `[..., D]` -> `[..., D]`."""
-    hidden = jax.nn.silu(jnp.einsum("...d,df->...f", x, gate)) * jnp.einsum("...d,df->...f", x, up)
+    project = lambda w: jnp.einsum("...d,df->...f", x, w)
+    hidden = jax.nn.silu(project(gate)) * project(up)
     return jnp.einsum("...f,fd->...d", hidden, down)
 
 
@@ -84,7 +85,10 @@ def from_shard_major(x: jax.Array) -> jax.Array:
 
 
 def head_logits(hidden: jax.Array, head: jax.Array, tied: bool) -> jax.Array:
-    """float32 logits `[..., V]` of hidden `[..., D]`; head is `[D, V]`, or the `[V, D]` embedding when tied."""
+    """float32 logits `[..., V]` of hidden `[..., D]`.
+
+    head: the `[D, V]` lm_head, or the `[V, D]` embedding when tied.
+    """
     spec = "...d,vd->...v" if tied else "...d,dv->...v"
     return jnp.einsum(spec, hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
@@ -230,7 +234,7 @@ def attention_sublayer(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Arr
 
 def mlp_sublayer(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Array], *,
                  cfg: ModelConfig, mesh: Mesh | None) -> jax.Array:
-    """x + swiglu(rms_norm(x)); blockwise (`ffn_chunk` tokens per shard per step) when set.
+    """x + swiglu(rms_norm(x)); blockwise (`ffn_chunk` tokens per step) when set.
 
     x `[b, s, D]` -> `[b, s, D]`.
     """
@@ -238,13 +242,14 @@ def mlp_sublayer(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Array], *
         h = rms_norm(t, norm_scale, cfg.norm_eps).astype(cfg.compute_dtype)
         return t + swiglu(h, w["gate"], w["up"], w["down"])
 
-    shards = length_shards(x.shape, mesh)
-    if cfg.ffn_chunk is None or cfg.ffn_chunk >= x.shape[1] // shards:
+    if cfg.ffn_chunk is None or cfg.ffn_chunk >= x.shape[1]:
         out = sublayer(x)
-    else:  # ffn_chunk tokens of every sequence shard per step (see shard_major); the norm
-        # and residual ride along, so no full-length normed copy or MLP output exists
+    else:  # ffn_chunk tokens per step, ffn_chunk / shards from each sequence shard (see
+        # shard_major); the norm and residual ride along, so no full-length normed copy
+        # or MLP output exists
+        shards = length_shards(x.shape, mesh)
         out = from_shard_major(kernels.blockwise_feedforward(sublayer, shard_major(x, shards),
-                                                             cfg.ffn_chunk))
+                                                             cfg.ffn_chunk // shards))
     return constrain_logical(out, ACTIVATION, mesh)
 
 
@@ -287,8 +292,10 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
         c = self.config
-        weights = {"attn_norm": _norm_scale(c, "attn_norm"), "attn": AttentionWeights(c, name="attn")(),
-                   "mlp_norm": _norm_scale(c, "mlp_norm"), "mlp": MLPWeights(c, name="mlp")()}
+        weights = {"attn_norm": _norm_scale(c, "attn_norm"),
+                   "attn": AttentionWeights(c, name="attn")(),
+                   "mlp_norm": _norm_scale(c, "mlp_norm"),
+                   "mlp": MLPWeights(c, name="mlp")()}
         layer = remat_block(c, functools.partial(block_fn, cfg=c, mesh=self.mesh))
         return layer(x, weights, cos, sin, positions, segment_ids), None
 

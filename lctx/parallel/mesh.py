@@ -33,7 +33,8 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
                          f"bad: {', '.join(bad)}")
     fill = [a for a in MESH_AXES if sizes[a] == -1]
     if len(fill) > 1:
-        raise ValueError(f"mesh {described}: at most one axis may be -1 (fill the remaining devices)")
+        raise ValueError(f"mesh {described}: at most one axis may be -1 (fill the remaining "
+                         "devices)")
     fixed = math.prod(sizes[a] for a in MESH_AXES if sizes[a] != -1)
     if fill:
         if device_count % fixed:

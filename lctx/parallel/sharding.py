@@ -70,7 +70,10 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh, *,
 
 def dim_shards(names: Sequence[str | None], shape: Sequence[int], dim: int, mesh: Mesh | None,
                rules: Rules = LOGICAL_RULES) -> int:
-    """How many ways dimension `dim` of an array with logical `names` and `shape` is split (1 without a mesh)."""
+    """How many ways dimension `dim` of an array with logical `names` and `shape` is split.
+
+    1 without a mesh.
+    """
     if mesh is None:
         return 1
     entry = logical_to_spec(names, rules, mesh, shape=shape)[dim]
@@ -79,7 +82,7 @@ def dim_shards(names: Sequence[str | None], shape: Sequence[int], dim: int, mesh
 
 def constrain_logical(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None,
                       rules: Rules = LOGICAL_RULES) -> jax.Array:
-    """Constrains activation `x` to the sharding its logical `names` map to; no-op without a mesh."""
+    """Constrains activation `x` to the sharding of its logical `names`; no-op without a mesh."""
     if mesh is None:
         return x
     return compat.constrain(x, mesh, logical_to_spec(names, rules, mesh, shape=x.shape))
