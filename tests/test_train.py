@@ -226,7 +226,7 @@ def test_bad_config_table(key, value, pattern):
 # TPU recipes are validated for the slice they name; paths that exist only on that
 # machine (a converted checkpoint, a prepared TFDS directory) are the one exception.
 RECIPE_DEVICES = {"pretrain_8k": 16, "extend_128k": 16, "extend_llama3_8b_128k": 32}
-MACHINE_PATHS = re.compile(r"^(init_from|data\.tfds_data_dir)=")
+MACHINE_PATHS = re.compile(r"^(init_from|data\.tfds_data_dir|data\.tokenizer)=")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)

@@ -296,9 +296,10 @@ def _data_problems(config: ConfigDict) -> list[str]:
     if d.tfds_data_dir and d.tfds_name and not os.path.isdir(d.tfds_data_dir):
         found.append(f"data.tfds_data_dir={d.tfds_data_dir!r}: no such directory")
     tok = d.tokenizer
-    if tok != "byte" and not (os.path.isfile(tok) and tok.endswith((".model", ".json"))):
+    path = tok.split(":", 1)[1] if tok.startswith(("spm:", "sentencepiece:", "hf:")) else tok
+    if tok != "byte" and not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
         found.append(f"data.tokenizer={tok!r}: expected 'byte', a SentencePiece .model file or a "
-                     "Hugging Face tokenizer.json file that exists")
+                     "Hugging Face tokenizer.json file that exists (optionally prefixed spm: or hf:)")
     if not 0.0 < d.validation_fraction < 1.0:
         found.append(f"data.validation_fraction={d.validation_fraction}: expected a value in (0, 1)")
     if d.dedup not in ("none", "exact", "near"):

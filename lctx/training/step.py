@@ -74,7 +74,7 @@ def train_step(state: TrainState, batch: Batch, *, model_config: lm.ModelConfig,
     False) so the caller can stop with the last good parameters intact.
     """
     loss, grads, tokens, accuracy = loss_and_grads(model_config, mesh, state.params, batch, accum_steps)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

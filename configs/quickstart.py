@@ -1,0 +1,36 @@
+"""The README's main job: pretrain a small model at 256 tokens, extend it to 1024 with YaRN.
+
+The `small` preset (about 3.2M parameters, byte-level) on this Python's standard
+library source (built into a TFDS dataset on first use; nothing is downloaded).
+Finishes in about 10 minutes on a 2-core CPU and prints held-out perplexity and
+bits per byte at 256, 512, 1024 and 2048 tokens next to the corpus's unigram
+bits per byte.
+"""
+
+from lctx.training.config import base_config, stage
+
+
+def get_config():
+    c = base_config()
+    c.name = "quickstart"
+    c.model.preset = "small"
+    c.model.attention_impl = "blockwise"
+    c.model.attention_options.block_q = 256  # one tile per 256 tokens: few loop steps on CPU
+    c.model.attention_options.block_k = 256
+    c.data.corpus_dir = ""  # the standard library
+    c.stage_order = ("pretrain", "extend")
+    # 256-token windows, 32 per batch: 8K tokens a step.
+    c.stages.pretrain = stage(seq_len=256, batch_size=32, steps=600, learning_rate=3e-3,
+                              warmup_steps=50, schedule="cosine")
+    # YaRN from the pretraining length (256) to 4x; windows only from files >= 1024 tokens.
+    c.stages.extend = stage(seq_len=1024, batch_size=8, steps=80, learning_rate=1e-3,
+                            warmup_steps=10, schedule="cosine", min_doc_len=1024,
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                          "original_max_position_embeddings": 256})
+    c.checkpoint.every_steps = 200
+    c.log_every_steps = 20
+    c.eval.lengths = (256, 512, 1024, 2048)
+    c.eval.stride = 256
+    c.eval.max_tokens = 32768
+    c.eval.batch_size = 8
+    return c
