@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         raise SystemExit("invalid config:\n  " + "\n  ".join(problems))
     run_dir = os.path.abspath(cfg.workdir(recipe))
+    os.makedirs(run_dir, exist_ok=True)
     corpus = loop.open_run_corpus(recipe, run_dir)
     tokenizer = ld.make_tokenizer(recipe.data.tokenizer)
     meter = common.MatmulMeter()
