@@ -19,16 +19,16 @@ def get_config():
     c.model.attention_options.block_k = 256
     c.data.corpus_dir = ""  # the standard library
     c.stage_order = ("pretrain", "extend")
-    # 256-token windows, 32 per batch: 8K tokens a step.
-    c.stages.pretrain = stage(seq_len=256, batch_size=32, steps=600, learning_rate=3e-3,
-                              warmup_steps=50, schedule="cosine")
+    # 256-token windows, 16 per batch: 4K tokens a step, 1.2M tokens in all.
+    c.stages.pretrain = stage(seq_len=256, batch_size=16, steps=300, learning_rate=3e-3,
+                              warmup_steps=30, schedule="cosine")
     # YaRN from the pretraining length (256) to 4x; windows only from files >= 1024 tokens.
-    c.stages.extend = stage(seq_len=1024, batch_size=8, steps=80, learning_rate=1e-3,
+    c.stages.extend = stage(seq_len=1024, batch_size=4, steps=30, learning_rate=1e-3,
                             warmup_steps=10, schedule="cosine", min_doc_len=1024,
                             rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                           "original_max_position_embeddings": 256})
-    c.checkpoint.every_steps = 200
-    c.log_every_steps = 20
+    c.checkpoint.every_steps = 100
+    c.log_every_steps = 25
     c.eval.lengths = (256, 512, 1024, 2048)
     c.eval.stride = 256
     c.eval.max_tokens = 32768
