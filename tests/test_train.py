@@ -170,6 +170,28 @@ def test_checkpoint_restores_onto_one_device(straight_run):
     ckpt.close()
 
 
+def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(straight_run, tmp_path, caplog):
+    """A damaged newest checkpoint is named in a warning and the previous one is used."""
+    import shutil
+
+    workdir, _ = straight_run
+    recipe = load_recipe(TINY)
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(workdir / "checkpoints", copy)
+    ckpt = Checkpointer(str(copy), every_steps=0, keep=10, async_save=False)
+    newest, previous = ckpt.steps()[-1], ckpt.steps()[-2]
+    for blob in (copy / str(newest) / "state").rglob("*"):
+        if blob.is_file() and blob.parent.name == "d":
+            blob.write_bytes(b"garbage")
+    stages = {}
+    with caplog.at_level("WARNING"):
+        resumed = loop._resume(ckpt, recipe, stages)
+    assert f"{copy / str(newest)} could not be restored" in caplog.text
+    meta = ckpt.read_meta(previous)
+    assert resumed[0] == meta["stage_index"] and resumed[1] == meta["stage_step"]
+    ckpt.close()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     recipe = load_recipe(TINY)
     recipe.workdir = str(tmp_path / "nan")

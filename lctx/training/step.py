@@ -86,9 +86,3 @@ def train_step(state: TrainState, batch: Batch, *, model_config: lm.ModelConfig,
                "tokens": tokens, "accuracy": accuracy, "finite": finite}
     return new_state, metrics
 
-
-def eval_step(params: Any, batch: Batch, *, model_config: lm.ModelConfig,
-              mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Summed held-out loss and token count of a batch (combine across batches, then divide)."""
-    total, metrics = _summed_loss(model_config, mesh, params, batch)
-    return {"loss_sum": total, "tokens": metrics["tokens"]}
