@@ -23,8 +23,8 @@ def get_config():
     c.stages.pretrain = stage(seq_len=256, batch_size=16, steps=300, learning_rate=3e-3,
                               warmup_steps=30, schedule="cosine")
     # YaRN from the pretraining length (256) to 4x; windows only from files >= 1024 tokens.
-    c.stages.extend = stage(seq_len=1024, batch_size=4, steps=30, learning_rate=1e-3,
-                            warmup_steps=10, schedule="cosine", min_doc_len=1024,
+    c.stages.extend = stage(seq_len=1024, batch_size=8, steps=16, learning_rate=1e-3,
+                            warmup_steps=4, schedule="cosine", min_doc_len=1024,
                             rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                           "original_max_position_embeddings": 256})
     c.checkpoint.every_steps = 100
