@@ -213,8 +213,10 @@ def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
                               out_specs=out_specs)(q, k, v, positions, segment_ids)
     if not permute:
         return result
-    restore = lambda x, spec: to_natural(compat.constrain(x, plan.mesh, P(spec[0], None, *spec[2:])),
-                                         shards, plan.placement)
+    # Back in token order, re-split along the sequence so no device keeps a full copy.
+    restore = lambda x, spec: compat.constrain(
+        to_natural(compat.constrain(x, plan.mesh, P(spec[0], None, *spec[2:])), shards,
+                   plan.placement), plan.mesh, spec)
     if plan.return_lse:
         return restore(result[0], x_spec), restore(result[1], lse_spec)
     return restore(result, x_spec)
