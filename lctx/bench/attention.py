@@ -10,7 +10,9 @@ time (median after warm-up; compile time apart), the compiled executable's memor
 (per device for the sharded ones), achieved GFLOP/s against a large fp32 matmul's rate
 sampled before and after every row, and, for lctx's ring, the tiles each device
 computed (load balance). Rows whose compiled memory would not fit are reported as
-OOM and not run. A summary evaluates the project's targets at 8K tokens.
+OOM and not run. A summary evaluates the project's targets at 8K tokens; the ring vs
+baseline ratio is re-timed there in interleaved rounds, since rows measured minutes
+apart on a shared machine see different loads.
 
 Implementations: reference, blockwise (single device); ring, ulysses (8 virtual
 devices on the "sequence" axis; Ulysses with 8 heads, one per device); baseline
@@ -35,6 +37,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lctx.bench import common
+from lctx.kernels import (attention, balanced_permutation, reference_attention,
+                          ring_tiles_computed)
+from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
 NUM_DEVICES = 8
 SEQ_AXIS = "sequence"
@@ -104,8 +109,6 @@ class Case:
             return f"chunk {self.chunk}"
         if self.impl == "reference":
             return "-"
-        from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-
         bq = min(self.block_q or DEFAULT_BLOCK_Q, self.local_seq)
         bk = min(self.block_k or DEFAULT_BLOCK_K, self.local_seq)
         return f"{bq}x{bk}" + (f" {self.placement}" if self.placement else "")
@@ -177,8 +180,6 @@ def baseline_attention(mesh: Mesh, chunk: int, causal: bool) -> Callable[..., ja
 def lctx_attention(impl: str, mesh: Mesh | None, causal: bool, block_q: int | None,
                    block_k: int | None, placement: str | None = None) -> Callable[..., jax.Array]:
     """`(q, k, v) -> out` through `lctx.kernels.attention` (natural layout)."""
-    from lctx.kernels import attention
-
     options = {}
     if impl != "reference":
         options = {k: v for k, v in (("block_q", block_q), ("block_k", block_k)) if v is not None}
@@ -200,8 +201,6 @@ def forward_backward(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Ar
 def verify_baseline(mesh: Mesh, causal: bool, seq: int = 1024, heads: int = 4,
                     head_dim: int = 64) -> dict[str, float]:
     """Max |error| of the baseline's and lctx ring's outputs (and grads) vs the reference."""
-    from lctx.kernels import reference_attention
-
     sharding = NamedSharding(mesh, X_SPEC)
     q, k, v = make_inputs(1, 1, seq, heads, head_dim, jnp.float32, sharding)
     chunk = min(256, seq // NUM_DEVICES)
@@ -223,8 +222,6 @@ def verify_baseline(mesh: Mesh, causal: bool, seq: int = 1024, heads: int = 4,
 def ring_tiles_per_device(mesh: Mesh, settings: Settings, seq: int, placement: str,
                           block_q: int | None, block_k: int | None) -> list[int]:
     """Tiles each device computes in lctx's ring forward with `placement` of the tokens."""
-    from lctx.kernels import balanced_permutation, ring_tiles_computed
-
     order = (balanced_permutation(seq, NUM_DEVICES, placement) if placement != "contiguous"
              else np.arange(seq, dtype=np.int32))
     positions = jax.device_put(np.broadcast_to(order, (settings.batch, seq)).astype(np.int32),
