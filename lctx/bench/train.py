@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import os
 import time
-from typing import Any
 
 import jax
 

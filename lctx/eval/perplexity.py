@@ -14,7 +14,6 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lctx import model as lm

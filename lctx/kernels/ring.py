@@ -111,6 +111,15 @@ def _local_positions(batch: int, seq: int, axis_name: str) -> jax.Array:
     return jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
 
+def _local_inputs(q, k, v, positions, scale, axis_name):
+    """Head-major shards, positions (contiguous by default) and the resolved scale."""
+    b, s, _, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    positions = _local_positions(b, s, axis_name) if positions is None else positions
+    return (bw.q_to_head_major(q, k.shape[2]), bw.kv_to_head_major(k), bw.kv_to_head_major(v),
+            positions, scale)
+
+
 def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, positions=None,
                    sliding_window=None, scale=None, block_q=None, block_k=None,
                    return_lse=False):
@@ -122,12 +131,8 @@ def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, p
     Returns:
       out `[b, s_local, h, d]` in q's dtype (and float32 lse `[b, s_local, h]`).
     """
-    b, s, _, _ = q.shape
-    kv_heads = k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    positions = _local_positions(b, s, axis_name) if positions is None else positions
-    o_h, lse_h = _ring_hm(bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k),
-                          bw.kv_to_head_major(v), positions, segment_ids, axis_name,
+    qh, kh, vh, positions, scale = _local_inputs(q, k, v, positions, scale, axis_name)
+    o_h, lse_h = _ring_hm(qh, kh, vh, positions, segment_ids, axis_name,
                           MaskSpec(causal, sliding_window), scale, block_q, block_k)
     out = bw.q_from_head_major(o_h)
     return (out, bw.lse_from_head_major(lse_h)) if return_lse else out
@@ -140,12 +145,8 @@ def ring_tiles_computed(q, k, v, *, axis_name: str, causal=False, segment_ids=No
     ring forward (incremented inside the executed branch). A diagnostic of load
     balance for tests and benchmarks; call inside `shard_map` like `ring_attention`.
     """
-    b, s, _, _ = q.shape
-    kv_heads = k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    positions = _local_positions(b, s, axis_name) if positions is None else positions
-    _, _, count = _ring_forward(bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k),
-                                bw.kv_to_head_major(v), positions, segment_ids,
+    qh, kh, vh, positions, scale = _local_inputs(q, k, v, positions, scale, axis_name)
+    _, _, count = _ring_forward(qh, kh, vh, positions, segment_ids,
                                 axis_name=axis_name, mask=MaskSpec(causal, sliding_window),
                                 scale=scale, block_q=block_q, block_k=block_k)
     return count

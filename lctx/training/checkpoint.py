@@ -17,7 +17,6 @@ import logging
 import os
 from typing import Any, Callable
 
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,3 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs with shardings for every array leaf of `tree`."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

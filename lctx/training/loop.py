@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
 from lctx.training import config as cfg
-from lctx.training.checkpoint import Checkpointer, abstract_like
+from lctx.training.checkpoint import Checkpointer
 from lctx.training.metrics import MetricsWriter, plot_loss_curve
 from lctx.training.optim import learning_rate_schedule, make_optimizer
 from lctx.training.step import TrainState, train_step
@@ -99,8 +100,6 @@ def _build_stage(config: ConfigDict, index: int) -> Stage:
 
 
 def _unboxed_abstract(model_config: lm.ModelConfig) -> Any:
-    import flax.linen as nn
-
     return nn.meta.unbox(lm.abstract_params(model_config))
 
 

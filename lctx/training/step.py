@@ -12,8 +12,7 @@ from jax.sharding import Mesh
 
 from lctx import model as lm
 
-Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: int/float [b, s]
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+Batch = dict[str, jax.Array]  # lctx.data.BATCH_KEYS: int/float [b, s]
 
 
 @flax.struct.dataclass
