@@ -18,6 +18,8 @@ from lctx.data.corpus import (STDLIB, CorpusSpec, Manifest, manifest, split_of,
 from lctx.data.dedup import DedupOptions, DedupReport
 from lctx.data.pipeline import BATCH_KEYS, make_dataset
 from lctx.data.stats import unigram_bits_per_byte
+from lctx.data import synthetic
+from lctx.data.synthetic import Mix
 from lctx.data.tfds_corpus import (Corpus, TextDirectory, build_text_directory, data_problems,
                                    open_corpus, open_tfds)
 from lctx.data.tokenizer import (TOKENIZER_KINDS, ByteTokenizer, HuggingFaceTokenizer,
@@ -26,7 +28,7 @@ from lctx.data.tokenizer import (TOKENIZER_KINDS, ByteTokenizer, HuggingFaceToke
 
 __all__ = [
     "BATCH_KEYS", "ByteTokenizer", "Corpus", "CorpusSpec", "DedupOptions", "DedupReport",
-    "HuggingFaceTokenizer", "Manifest", "STDLIB", "SentencePieceTokenizer", "TOKENIZER_KINDS",
+    "HuggingFaceTokenizer", "Manifest", "Mix", "STDLIB", "SentencePieceTokenizer", "TOKENIZER_KINDS",
     "TextDirectory", "Tokenizer", "build_text_directory", "data_problems", "encode_document",
     "make_dataset", "make_tokenizer", "manifest", "open_corpus", "open_tfds", "split_of",
     "stdlib_spec", "unigram_bits_per_byte",

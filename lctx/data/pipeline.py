@@ -33,13 +33,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import grain
 import numpy as np
 from absl import flags
 
 from lctx.data.tokenizer import Tokenizer, encode_document
+
+if TYPE_CHECKING:
+    from lctx.data.synthetic import Mix
 
 Row = dict[str, np.ndarray]  # int32 [seq_len] per key
 Batch = dict[str, np.ndarray]  # int32 [batch, seq_len] per key
@@ -191,8 +194,8 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                  seq_len: int, batch_size: int, seed: int | None,
                  shard_index: int = 0, shard_count: int = 1, text_key: str = "text",
                  min_doc_len: int = 0, num_epochs: int | None = None, interleave: int = 16,
-                 shuffle_window: int = 0, num_workers: int = 0, prefetch_batches: int = 2
-                 ) -> grain.IterDataset:
+                 shuffle_window: int = 0, num_workers: int = 0, prefetch_batches: int = 2,
+                 mix: "Mix | None" = None) -> grain.IterDataset:
     """Batches of packed rows: dict of int32 `[batch_size, seq_len]` under BATCH_KEYS.
 
     source: random-access records (a TFDS data source, a list of dicts); record[text_key]
@@ -213,6 +216,8 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
       worker packs its own slice of the documents, so the order depends on it: resume
       with the same value.
     prefetch_batches: batches prepared ahead in a background thread (0: none).
+    mix: a `lctx.data.synthetic.Mix`: that share of the tokens comes from synthetic
+      passkey / needle documents (training; see lctx.data.synthetic).
     """
     _check_args(seq_len=seq_len, batch_size=batch_size, seed=seed, shard_index=shard_index,
                 shard_count=shard_count, min_doc_len=min_doc_len, num_epochs=num_epochs,
@@ -227,6 +232,15 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     docs_per_epoch = len(docs)
     docs = docs.repeat(num_epochs).map(
         functools.partial(tokenize_record, tokenizer=tokenizer, text_key=text_key))
+    if mix is not None and mix.fraction > 0:  # synthetic retrieval documents (data.mix.*)
+        from lctx.data.synthetic import mix_documents
+
+        shard_source = grain.MapDataset.source(source)[shard_index::shard_count]
+        docs, real_share = mix_documents(docs, shard_source, mix, tokenizer=tokenizer,
+                                         text_key=text_key, seq_len=seq_len,
+                                         min_doc_len=min_doc_len,
+                                         seed=(seed or 0) + 1000 * shard_index)
+        docs_per_epoch = int(docs_per_epoch / real_share) + 1
     # Tokenizing in the calling thread: threads would contend for the GIL on CPU.
     rows = PackIterDataset(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)),
                            seq_len=seq_len, pad_id=tokenizer.pad_id, interleave=interleave,

@@ -66,14 +66,16 @@ def _documents(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, text_k
 def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
                          source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                          lengths: Sequence[int], stride: int, max_tokens: int,
-                         text_key: str = "text", batch_size: int = 4) -> dict[str, Any]:
+                         text_key: str = "text", batch_size: int = 4,
+                         longest: int | None = None) -> dict[str, Any]:
     """{str(L): {"ppl", "bits_per_byte", "tokens", "documents"}} for each length L.
 
-    Only documents longer than the longest length are used, so every length is
-    measured on the same text. Attention runs as the model config says (blockwise by
+    Only documents longer than the longest length (or `longest`, when lengths are
+    evaluated one call at a time) are used, so every length is measured on the same
+    text. Attention runs as the model config says (blockwise by
     default); RoPE variants that depend on the length see L.
     """
-    longest = max(lengths)
+    longest = max(max(lengths), longest or 0)
     docs = []
     for ids in _documents(source, tokenizer, text_key, longest + 1):
         docs.append(ids)

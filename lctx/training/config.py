@@ -53,6 +53,10 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = "byte"  # byte | path/to/spm.model | path/to/tokenizer.json
     c.data.validation_fraction = 0.05  # held-out share of files, split by path hash
     c.data.dedup = "exact"  # none | exact | near (duplicate file removal)
+    # Synthetic passkey / needle documents in the training stream (lctx.data.synthetic).
+    c.data.mix = ConfigDict()
+    c.data.mix.fraction = 0.0  # share of training tokens that are synthetic (0: off)
+    c.data.mix.passkey_share = 0.5  # share of synthetic documents in passkey format (rest needle)
 
     c.stage_order = ()  # stage names in the order they run (ConfigDict sorts its keys)
     c.stages = ConfigDict()
@@ -77,6 +81,10 @@ def base_config() -> ConfigDict:
     c.eval.stride = 256  # sliding-window stride: only the last `stride` tokens are scored
     c.eval.max_tokens = 65536  # held-out tokens scored per length
     c.eval.batch_size = 1
+    c.eval.tasks = ("ppl",)  # any of ppl, passkey, needle (lctx.eval)
+    c.eval.depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # passkey / needle depths
+    c.eval.trials = 4  # random keys / haystacks per (length, depth)
+    c.eval.seed = 0  # passkey keys
     return c
 
 
@@ -276,6 +284,7 @@ def problems(config: ConfigDict, num_devices: int) -> list[str]:
         if name in config.stages:
             found += _stage_problems(config, name, num_devices)
     found += _data_problems(config)
+    found += _eval_problems(config)
     if config.init_from and not os.path.isdir(config.init_from):
         found.append(f"init_from={config.init_from!r}: no such checkpoint directory")
     if config.checkpoint.every_steps < 0 or config.checkpoint.keep <= 0:
@@ -304,7 +313,19 @@ def _data_problems(config: ConfigDict) -> list[str]:
         found.append(f"data.validation_fraction={d.validation_fraction}: expected a value in (0, 1)")
     if d.dedup not in ("none", "exact", "near"):
         found.append(f"data.dedup={d.dedup!r}: expected none, exact or near")
+    from lctx.data.synthetic import mix_problems
+
+    found += mix_problems(d.mix)
     return found
+
+
+def _eval_problems(config: ConfigDict) -> list[str]:
+    from lctx.eval.api import check_options
+
+    e = config.eval
+    options = dict(stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
+                   depths=tuple(e.depths), trials=e.trials, seed=e.seed)
+    return [f"eval: {line}" for line in check_options(tuple(e.tasks), tuple(e.lengths), options)]
 
 
 def describe(config: ConfigDict) -> dict[str, Any]:

@@ -154,7 +154,8 @@ def _train_batches(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenize
     s = stage.settings
     dataset = ld.make_dataset(corpus.splits["train"], tokenizer, seq_len=s.seq_len,
                               batch_size=s.batch_size, seed=config.seed + stage.index,
-                              text_key=corpus.text_key, min_doc_len=s.min_doc_len)
+                              text_key=corpus.text_key, min_doc_len=s.min_doc_len,
+                              mix=ld.synthetic.Mix.from_config(config.data.mix))
     iterator = iter(dataset)
     if data_state is not None:
         iterator.set_state(data_state)
@@ -331,7 +332,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         checkpointer.wait()
         summary["loss_curve"] = plot_loss_curve(run_dir, tuple(config.stage_order))
         final = stages[len(config.stage_order) - 1]
-        summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config, state.params)
+        summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config, state.params,
+                                       final.mesh)
     finally:
         checkpointer.close()
         writer.close()
@@ -355,16 +357,33 @@ def open_run_corpus(config: ConfigDict, run_dir: str) -> ld.Corpus:
 
 
 def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
-                 model_config: lm.ModelConfig, params: Any) -> dict[str, Any]:
-    """Held-out perplexity and bits per byte at `config.eval.lengths` (sliding windows)."""
-    from lctx.eval.perplexity import perplexity_by_length
+                 model_config: lm.ModelConfig, params: Any, mesh: Mesh | None = None
+                 ) -> dict[str, Any]:
+    """The config's `eval.tasks` at `eval.lengths` (lctx.eval), written to RUN/eval/.
 
+    Returns {"lengths": perplexity and bits per byte per length, "unigram_bits_per_byte",
+    and "passkey" / "needle" accuracy per length and effective lengths when evaluated}.
+    """
+    from lctx.eval.api import evaluate_model
+
+    e = config.eval
     held_out = corpus.splits["validation"]
-    by_length = perplexity_by_length(model_config, params, held_out, tokenizer,
-                                     lengths=tuple(config.eval.lengths), stride=config.eval.stride,
-                                     max_tokens=config.eval.max_tokens, text_key=corpus.text_key,
-                                     batch_size=config.eval.batch_size)
+    results = evaluate_model(
+        model_config, params, tokenizer, held_out, text_key=corpus.text_key,
+        tasks=tuple(e.tasks), lengths=tuple(e.lengths),
+        out_dir=os.path.join(cfg.workdir(config), "eval") if jax.process_index() == 0 else None,
+        training_lengths=[config.stages[n].seq_len for n in config.stage_order],
+        label=config.name, progress=jax.process_index() == 0,
+        mesh=mesh if model_config.attention_impl in ("ring", "ulysses") else None,
+        stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
+        depths=tuple(e.depths), trials=e.trials, seed=e.seed)
+    summary: dict[str, Any] = {"lengths": results.get("ppl", {})}
+    for task in ("passkey", "needle"):
+        if task in results:
+            summary[task] = {"accuracy": results[task]["accuracy"],
+                             "effective_length": results[task]["effective_length"]}
     texts = lambda split: (split[i][corpus.text_key] for i in range(len(split)))
-    unigram = ld.unigram_bits_per_byte(texts(corpus.splits["train"]), texts(held_out), tokenizer)
-    return {"lengths": by_length, "unigram_bits_per_byte": unigram}
+    summary["unigram_bits_per_byte"] = ld.unigram_bits_per_byte(
+        texts(corpus.splits["train"]), texts(held_out), tokenizer)
+    return summary
 
