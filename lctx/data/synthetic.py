@@ -81,14 +81,18 @@ def passkey_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int
 
     key = retrieval.passkey_keys(rng, 1)[0]
     depth = float(rng.uniform())
-    instruction = retrieval.INSTRUCTION if rng.uniform() < 0.5 else retrieval.SHORT_INSTRUCTION
     answer = f" {key}."
+    instructions = [retrieval.INSTRUCTION, retrieval.SHORT_INSTRUCTION]
+    if rng.uniform() < 0.5:
+        instructions.reverse()
+    for instruction in instructions:  # the short one when the full one leaves no room
+        def text(n):
+            before = int(round(depth * n))
+            return retrieval.passkey_text(key, before, n - before, instruction) + answer
 
-    def text(n):
-        before = int(round(depth * n))
-        return retrieval.passkey_text(key, before, n - before, instruction) + answer
-
-    n = retrieval._largest(lambda n: len(tokenizer.encode(text(n))) + 2 <= tokens, 4 * tokens)
+        n = retrieval._largest(lambda n: len(tokenizer.encode(text(n))) + 2 <= tokens, 4 * tokens)
+        if n >= 0:
+            break
     return text(max(n, 0))
 
 
@@ -140,15 +144,14 @@ def mix_documents(real: grain.MapDataset, source: grain.MapDataset, mix: Mix, *,
 
     source: the (shard's) records the needle haystacks come from. Documents are mixed
     by count with weights that make `mix.fraction` of the tokens synthetic, given the
-    mean lengths (real: a sample of `real`; synthetic: the mean budget). Returns the
+    mean lengths of a sample of each (a short budget can be overshot: the fixed text of a
+    prompt does not shrink). Returns the
     mixed stream and the share of its documents that are real.
     """
     synthetic = source.shuffle(seed=seed + 7).repeat(None).map_with_index(functools.partial(
         synthetic_record, tokenizer=tokenizer, text_key=text_key, seq_len=seq_len,
         min_doc_len=min_doc_len, passkey_share=mix.passkey_share, seed=seed))
-    low = max(seq_len // 4, min_doc_len + 2, 16)
-    synthetic_mean = (low + max(low, seq_len)) / 2
-    real_mean = mean_tokens(real)
+    synthetic_mean, real_mean = mean_tokens(synthetic), mean_tokens(real)
     f = mix.fraction
     weights = [(1 - f) / real_mean, f / synthetic_mean]
     return grain.MapDataset.mix([real, synthetic], weights=weights), weights[0] / sum(weights)
