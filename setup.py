@@ -34,6 +34,10 @@ EXTRAS_REQUIRE = {
         # Baseline of the attention benchmark (its pure-JAX ring); needs einops.
         "ringattention==0.1.2",
         "einops>=0.7",
+        # tests/test_notebooks.py executes the experiments/ notebooks.
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.9,<6",
+        "ipykernel>=6.29,<8",
     ],
     # Hugging Face checkpoint import/export and parity tests. Install torch first as
     # `pip install torch==2.13.0` (CPU build) where an unpinned torch would pull CUDA.
@@ -41,7 +45,8 @@ EXTRAS_REQUIRE = {
         "torch>=2.4",
         "transformers>=4.50,<5.1",
     ],
-    "tpu": ["jax[tpu]>=0.7.1"],
+    # gcsfs: gs:// checkpoint directories (Orbax reads and writes them through etils/fsspec).
+    "tpu": ["jax[tpu]>=0.7.1", "gcsfs>=2024.2"],
     "gpu": ["jax[cuda12]>=0.7.1"],
 }
 

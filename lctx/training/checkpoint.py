@@ -9,6 +9,10 @@ Each checkpoint (an Orbax step directory named by the run's global step) holds:
 Orbax writes into a temporary directory and renames it when complete, so an
 interrupted save is never listed; a listed checkpoint that fails to restore
 (corrupted files) is skipped with a warning naming it, and the previous one is used.
+
+With several processes every one of them calls save and restore (Orbax writes
+each array shard from the process that holds it and the metadata from process 0),
+so the directory must be one that all of them see: on a TPU pod slice, a gs:// path.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class Checkpointer:
     """Asynchronous saves every `every_steps`, keeping the last `keep`."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
@@ -38,6 +42,11 @@ class Checkpointer:
 
     def due(self, global_step: int) -> bool:
         return self.every_steps > 0 and global_step % self.every_steps == 0
+
+    def reached_preemption(self, global_step: int) -> bool:
+        """True on every process at the same step once any of them got SIGTERM (needs
+        jax.distributed; every process must call it at every step)."""
+        return self._manager.reached_preemption(global_step)
 
     def save(self, global_step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts saving (asynchronously); a later `wait` or save finishes it."""

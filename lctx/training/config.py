@@ -71,6 +71,9 @@ def base_config() -> ConfigDict:
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every_steps = 100  # also saved at every stage end and on SIGTERM/SIGINT
+    # Where checkpoints go ("" -> <workdir>/checkpoints). A multi-host run needs a
+    # directory every host sees, e.g. gs://bucket/runs/x/checkpoints on a TPU pod slice.
+    c.checkpoint.directory = ""
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 

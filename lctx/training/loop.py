@@ -146,42 +146,84 @@ def _check_tokenizer(tokenizer: ld.Tokenizer, stage: Stage) -> None:
                             f"vocab_size is {stage.model_config.vocab_size}")
 
 
+@dataclasses.dataclass
+class _ProcessBatches:
+    """This process's rows of every global batch: data shard `shard_index` of `shard_count`."""
+
+    iterator: Iterator
+    shard_index: int
+    shard_count: int
+
+    def __iter__(self) -> "_ProcessBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def states(self) -> list[Any]:
+        """Every shard's iterator state (collective: all processes call it together)."""
+        return parallel.distributed.gather_shard_states(self.iterator.get_state(), self.shard_index,
+                                                        self.shard_count)
+
+
 def _train_batches(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer, stage: Stage,
-                   data_state: dict | None) -> Iterator:
-    if jax.process_count() > 1:
-        raise TrainingError("multi-process training is not supported yet (data sharding by "
-                            "data-parallel coordinate across hosts is tracked by the multi-host issue)")
+                   data_states: list | None) -> _ProcessBatches:
+    """The stage's batches for this process's devices, continuing from `data_states` (one per shard)."""
     s = stage.settings
+    index, count = parallel.distributed.process_data_shard(stage.batch_sharding,
+                                                           (s.batch_size, s.seq_len))
     dataset = ld.make_dataset(corpus.splits["train"], tokenizer, seq_len=s.seq_len,
-                              batch_size=s.batch_size, seed=config.seed + stage.index,
+                              batch_size=s.batch_size // count, seed=config.seed + stage.index,
+                              shard_index=index, shard_count=count,
                               text_key=corpus.text_key, min_doc_len=s.min_doc_len,
                               mix=ld.synthetic.Mix.from_config(config.data.mix))
     iterator = iter(dataset)
-    if data_state is not None:
-        iterator.set_state(data_state)
-    return iterator
+    if data_states is not None:
+        if len(data_states) != count:
+            raise TrainingError(
+                f"the checkpoint's data position is for {len(data_states)} data shard(s) (one per "
+                f"data-parallel block of processes) but this run has {count} ({jax.process_count()} "
+                f"processes, mesh {dict(stage.mesh.shape)}); resume with the process count and mesh "
+                "it was written with, or start a new workdir")
+        iterator.set_state(data_states[index])
+    return _ProcessBatches(iterator, index, count)
 
 
 def _to_device(batch: dict[str, np.ndarray], stage: Stage) -> dict[str, jax.Array]:
+    """Global arrays `[batch_size, seq_len]` from this process's rows."""
     batch = {k: batch[k] for k in ld.BATCH_KEYS}
     batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
-    return jax.device_put(batch, stage.batch_sharding)
+    return parallel.distributed.process_batch(stage.batch_sharding, batch, stage.settings.batch_size)
 
 
 # ----------------------------------------------------------------------------- signals
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT (TPU preemption, Ctrl-C) into a checkpoint and a clean exit."""
+    """Turns SIGTERM / SIGINT (TPU preemption, Ctrl-C) into a checkpoint and a clean exit.
 
-    def __init__(self):
+    One process: Python signal handlers. Several: SIGTERM on any host reaches JAX's
+    preemption service (started with jax.distributed, which a Python handler would
+    displace), and Orbax's preemption sync point makes every host stop and save at
+    the same step.
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
         self.signum: int | None = None
         self._previous = {}
+        self._checkpointer = checkpointer
+        self._synced = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in () if self._synced else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def requested(self, global_step: int) -> bool:
+        """Whether to save and stop after `global_step` (every process calls it every step)."""
+        if self._synced and self.signum is None and self._checkpointer.reached_preemption(global_step):
+            self.signum = signal.SIGTERM
+        return self.signum is not None
 
     def _handle(self, signum, _frame):
         self.signum = signum
@@ -194,9 +236,9 @@ class _StopRequest:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _meta(config: ConfigDict, stage: Stage, stage_step: int, data_state: Any) -> dict[str, Any]:
+def _meta(config: ConfigDict, stage: Stage, stage_step: int, data_states: list[Any]) -> dict[str, Any]:
     return {"stage": stage.name, "stage_index": stage.index, "stage_step": stage_step,
-            "data_state": data_state, "config": cfg.describe(config)}
+            "data_states": data_states, "config": cfg.describe(config)}
 
 
 def _progress(stage: Stage, start: int):
@@ -207,7 +249,7 @@ def _progress(stage: Stage, start: int):
                 file=sys.stderr)
 
 
-def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, iterator: Iterator,
+def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, batches: _ProcessBatches,
                  checkpointer: Checkpointer, writer: MetricsWriter, stop: _StopRequest,
                  first_step: int) -> tuple[TrainState, dict[str, float], bool]:
     """Runs a stage from `first_step`; returns (state, stage stats, stopped_by_signal)."""
@@ -217,7 +259,7 @@ def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, iterator: 
     losses, start_time, timed_steps = [], None, 0
     interval_start, interval_steps = time.time(), 0
     for stage_step in range(first_step, stage.steps):
-        batch = _to_device(next(iterator), stage)
+        batch = _to_device(next(batches), stage)
         state, metrics = stage.step_fn(state, batch)
         global_step = stage.first_global_step + stage_step + 1
         if not bool(metrics["finite"]):
@@ -246,9 +288,10 @@ def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, iterator: 
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
         stage_done = done == stage.steps
-        if stage_done or checkpointer.due(global_step) or stop.signum is not None:
-            checkpointer.save(global_step, state, _meta(config, stage, done, iterator.get_state()))
-        if stop.signum is not None and not stage_done:
+        stopping = stop.requested(global_step)
+        if stage_done or checkpointer.due(global_step) or stopping:
+            checkpointer.save(global_step, state, _meta(config, stage, done, batches.states()))
+        if stopping and not stage_done:
             bar.close()
             return state, {}, True
     bar.close()
@@ -276,37 +319,39 @@ def _resume(checkpointer: Checkpointer, config: ConfigDict, stages: dict[int, St
                             f"{meta['stage']!r}, which is not stage {meta['stage_index']} of "
                             f"stage_order={names}; use a new workdir for a different recipe")
     log.info("resuming from checkpoint %d: stage %s step %d", step, meta["stage"], meta["stage_step"])
-    return meta["stage_index"], meta["stage_step"], meta["data_state"], state
+    return meta["stage_index"], meta["stage_step"], meta["data_states"], state
 
 
 def run(config: ConfigDict) -> dict[str, Any]:
     """Trains every stage of `config` (validated beforehand); returns the run summary."""
     run_dir = os.path.abspath(cfg.workdir(config))
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(cfg.describe(config), f, indent=1, default=str)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.describe(config), f, indent=1, default=str)
 
     corpus = open_run_corpus(config, run_dir)
     tokenizer = ld.make_tokenizer(config.data.tokenizer)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+    checkpointer = Checkpointer(config.checkpoint.directory or os.path.join(run_dir, "checkpoints"),
                                 every_steps=config.checkpoint.every_steps,
                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     writer = MetricsWriter(run_dir)
     stages: dict[int, Stage] = {}
     summary: dict[str, Any] = {"run_dir": run_dir, "corpus": corpus.name, "stages": {}}
+    failed = True
     try:
         resumed = _resume(checkpointer, config, stages)
         state = None
-        with _StopRequest() as stop:
+        with _StopRequest(checkpointer) as stop:
             for index, name in enumerate(config.stage_order):
                 if resumed is not None and index < resumed[0]:
                     continue
                 stage = stages.get(index) or _build_stage(config, index)
                 stages[index] = stage
                 _check_tokenizer(tokenizer, stage)
-                first_step, data_state = 0, None
+                first_step, data_states = 0, None
                 if resumed is not None and index == resumed[0]:
-                    _, first_step, data_state, state = resumed
+                    _, first_step, data_states, state = resumed
                     resumed = None
                 elif state is None:
                     state = _fresh_state(stage, _initial_params(config, stage), config.seed)
@@ -317,8 +362,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 if first_step >= stage.steps:
                     summary["stages"][name] = {"resumed_complete": True}
                     continue
-                iterator = _train_batches(config, corpus, tokenizer, stage, data_state)
-                state, stats, stopped = _train_stage(config, stage, state, iterator, checkpointer,
+                batches = _train_batches(config, corpus, tokenizer, stage, data_states)
+                state, stats, stopped = _train_stage(config, stage, state, batches, checkpointer,
                                                      writer, stop, first_step)
                 if stopped:
                     checkpointer.wait()
@@ -327,6 +372,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                           f"{checkpointer.directory}; rerun the same command to resume",
                           file=sys.stderr)
                     summary["interrupted"] = name_of
+                    failed = False
                     return summary
                 summary["stages"][name] = stats
         checkpointer.wait()
@@ -334,8 +380,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
         final = stages[len(config.stage_order) - 1]
         summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config, state.params,
                                        final.mesh)
+        failed = False
     finally:
-        checkpointer.close()
+        if not (failed and jax.process_count() > 1):  # a failed peer would hold the close barrier
+            checkpointer.close()
         writer.close()
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -347,9 +395,11 @@ def open_run_corpus(config: ConfigDict, run_dir: str) -> ld.Corpus:
     """The run's corpus, built once into the TFDS data dir; its manifest recorded in the run."""
     d = config.data
     data_dir = d.tfds_data_dir or os.path.join(os.path.dirname(run_dir), "tfds")
-    corpus = ld.open_corpus(data_dir=data_dir, corpus_dir=d.corpus_dir or "stdlib",
-                            tfds_name=d.tfds_name, validation_fraction=d.validation_fraction,
-                            dedup=ld.DedupOptions(exact=d.dedup in ("exact", "near"), near=d.dedup == "near"))
+    # Process 0 builds first: processes sharing a disk must not build one dataset at once.
+    corpus = parallel.distributed.run_on_process_zero_first(lambda: ld.open_corpus(
+        data_dir=data_dir, corpus_dir=d.corpus_dir or "stdlib", tfds_name=d.tfds_name,
+        validation_fraction=d.validation_fraction,
+        dedup=ld.DedupOptions(exact=d.dedup in ("exact", "near"), near=d.dedup == "near")), "corpus")
     if corpus.manifest is not None and jax.process_index() == 0:
         corpus.manifest.write(os.path.join(run_dir, "corpus_manifest.json"))
         print(corpus.summary(), file=sys.stderr)
