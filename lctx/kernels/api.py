@@ -18,20 +18,23 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lctx import compat
 from lctx.kernels.blockwise import blockwise_attention
+from lctx.kernels.pallas import PallasSeam, pallas_attention, resolve_kernel
 from lctx.kernels.layout import PLACEMENTS, placement_multiple, to_balanced, to_natural
 from lctx.kernels.reference import default_positions, reference_attention
-from lctx.kernels.ring import ring_attention
+from lctx.kernels.ring import ring_attention, zigzag_to_balanced, zigzag_to_natural
 from lctx.kernels.ulysses import ulysses_attention, ulysses_heads_ok
 
-IMPLS = ("reference", "blockwise", "ring", "ulysses")
+IMPLS = ("reference", "blockwise", "ring", "ulysses", "pallas")
+RING_INNER = ("xla", "pallas")
 LAYOUTS = ("natural", "balanced")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Options each impl accepts through **impl_options.
 IMPL_OPTIONS = {
     "reference": (),
     "blockwise": ("block_q", "block_k"),
-    "ring": ("block_q", "block_k", "placement"),
+    "ring": ("block_q", "block_k", "placement", "ring_inner", "kernel", "interpret"),
     "ulysses": ("block_q", "block_k"),
+    "pallas": ("block_q", "block_k", "kernel", "interpret"),
 }
 SEQUENCE_PARALLEL = ("ring", "ulysses")
 
@@ -52,6 +55,9 @@ class _Plan(NamedTuple):
     block_q: int | None
     block_k: int | None
     return_lse: bool
+    ring_inner: str = "xla"
+    kernel: str | None = None  # the Pallas kernel ("tpu" | "gpu"), resolved
+    interpret: bool = False
 
 
 def _fail(name: str, value, allowed: str):
@@ -113,6 +119,13 @@ def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scal
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         _fail("scale", scale, "expected None or a positive float")
     placement = impl_options.get("placement", "zigzag" if causal else "contiguous")
+    ring_inner = impl_options.get("ring_inner", "xla")
+    if ring_inner not in RING_INNER:
+        _fail("ring_inner", ring_inner, f"expected one of {RING_INNER}")
+    interpret = impl_options.get("interpret", False)
+    kernel = None
+    if impl == "pallas" or ring_inner == "pallas":
+        kernel = resolve_kernel(impl_options.get("kernel"), interpret)
     if placement not in PLACEMENTS:
         _fail("placement", placement, f"expected one of {PLACEMENTS}")
 
@@ -156,7 +169,8 @@ def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scal
                  seq_axis=seq_axis if impl in SEQUENCE_PARALLEL else None,
                  batch_axes=present_batch, head_axis=present_head, layout=layout,
                  placement=placement, block_q=impl_options.get("block_q"),
-                 block_k=impl_options.get("block_k"), return_lse=bool(return_lse))
+                 block_k=impl_options.get("block_k"), return_lse=bool(return_lse),
+                 ring_inner=ring_inner, kernel=kernel, interpret=bool(interpret))
 
 
 def _specs(plan: _Plan):
@@ -177,9 +191,25 @@ def _local_attention(plan: _Plan):
     if plan.impl == "blockwise":
         return lambda q, k, v, pos, seg: blockwise_attention(
             q, k, v, positions=pos, segment_ids=seg, **options, **blocks)
+    if plan.impl == "pallas":
+        return lambda q, k, v, pos, seg: pallas_attention(
+            q, k, v, positions=pos, segment_ids=seg, kernel=plan.kernel,
+            interpret=plan.interpret, **options, **blocks)
+    if plan.impl == "ring" and plan.ring_inner == "pallas":
+        blocks["seam"] = PallasSeam(plan.kernel, plan.interpret)
     strategy = ring_attention if plan.impl == "ring" else ulysses_attention
     return lambda q, k, v, pos, seg: strategy(
         q, k, v, axis_name=plan.seq_axis, positions=pos, segment_ids=seg, **options, **blocks)
+
+
+def _zigzag_in_map(local, axis_name: str):
+    """`local` on natural contiguous shards: zigzag-placed in, natural order out."""
+    def placed(q, k, v, pos, seg):
+        q, k, v, pos, seg = (None if x is None else zigzag_to_balanced(x, axis_name)
+                             for x in (q, k, v, pos, seg))
+        result = local(q, k, v, pos, seg)
+        return jax.tree.map(lambda x: zigzag_to_natural(x, axis_name), result)
+    return placed
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -190,7 +220,11 @@ def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
 
     x_spec, id_spec, lse_spec = _specs(plan)
     permute = plan.impl == "ring" and plan.layout == "natural" and plan.placement != "contiguous"
-    if permute:
+    # Zigzag is placed inside the map by ppermute (no sequence gather); striped by a gather.
+    in_map = permute and plan.placement == "zigzag"
+    if in_map:
+        local = _zigzag_in_map(local, plan.seq_axis)
+    elif permute:
         # Gather along a replicated sequence (natural layout is the convenience path;
         # the model permutes once at its input and calls with layout="balanced").
         shards = plan.mesh.shape[plan.seq_axis]
@@ -211,7 +245,7 @@ def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
     result = compat.shard_map(local, mesh=plan.mesh,
                               in_specs=(x_spec, x_spec, x_spec, id_spec, seg_spec),
                               out_specs=out_specs)(q, k, v, positions, segment_ids)
-    if not permute:
+    if not permute or in_map:
         return result
     # Back in token order, re-split along the sequence so no device keeps a full copy.
     restore = lambda x, spec: compat.constrain(
@@ -242,7 +276,10 @@ def attention(q, k, v, *, impl: str, causal: bool = False, segment_ids=None, pos
         "balanced" (the caller already permuted tokens, positions and segment ids with
         `lctx.kernels.to_balanced`).
       impl_options: block_q, block_k (tile sizes); placement for ring with the natural
-        layout ("zigzag" default for causal, "striped", "contiguous").
+        layout ("zigzag" default for causal, "striped", "contiguous"). impl="pallas"
+        (fused Pallas kernel, one device) and impl="ring" with ring_inner="pallas"
+        ("xla" default) take kernel ("tpu" | "gpu" | None: the backend decides) and
+        interpret (Pallas interpret mode, required on a CPU).
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype, plus float32 lse
       `[batch, seq, heads]` with `return_lse`.

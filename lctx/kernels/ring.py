@@ -30,7 +30,8 @@ def _shift(tree, axis_name: str):
     return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
-def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, block_k):
+def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, block_k,
+                  seam=bw):
     """Returns (o float32 `[b, hkv, g, s, d]`, lse `[b, hkv, g, s]`, tiles computed)."""
     b, hkv, g, s, d = qh.shape
     steps = lax.axis_size(axis_name)
@@ -38,7 +39,7 @@ def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, bloc
     def compute(state, kv):
         o, lse, count = state
         k_cur, v_cur, pos_cur, seg_cur = kv
-        o_t, lse_t, n = bw.fwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, mask=mask,
+        o_t, lse_t, n = seam.fwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, mask=mask,
                                   scale=scale, block_q=block_q, block_k=block_k)
         o, lse = bw.merge_partials(o, lse, o_t, lse_t)
         return o, lse, count + n
@@ -55,13 +56,13 @@ def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, bloc
 
 
 def _ring_backward(qh, kh, vh, pos, seg, do_h, lse, delta, *, axis_name, mask, scale,
-                   block_q, block_k):
+                   block_q, block_k, seam=bw):
     """Returns float32 (dq `[b, hkv, g, s, d]`, dk, dv `[b, hkv, s, d]`) for the owner."""
     steps = lax.axis_size(axis_name)
 
     def compute(dq, kv, dkv):
         k_cur, v_cur, pos_cur, seg_cur = kv
-        dq_t, dk_t, dv_t = bw.bwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, do_h, lse,
+        dq_t, dk_t, dv_t = seam.bwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, do_h, lse,
                                      delta, mask=mask, scale=scale, block_q=block_q,
                                      block_k=block_k)
         return dq + dq_t, (dkv[0] + dk_t, dkv[1] + dv_t)
@@ -80,29 +81,71 @@ def _ring_backward(qh, kh, vh, pos, seg, do_h, lse, delta, *, axis_name, mask, s
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k, seam):
     o, lse, _ = _ring_forward(qh, kh, vh, pos, seg, axis_name=axis_name, mask=mask,
-                              scale=scale, block_q=block_q, block_k=block_k)
+                              scale=scale, block_q=block_q, block_k=block_k, seam=seam)
     return o.astype(qh.dtype), lse
 
 
-def _ring_hm_fwd(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k):
-    o, lse = _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k)
+def _ring_hm_fwd(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k, seam):
+    o, lse = _ring_hm(qh, kh, vh, pos, seg, axis_name, mask, scale, block_q, block_k, seam)
     return (o, lse), (qh, kh, vh, pos, seg, o, lse)
 
 
-def _ring_hm_bwd(axis_name, mask, scale, block_q, block_k, res, cotangents):
+def _ring_hm_bwd(axis_name, mask, scale, block_q, block_k, seam, res, cotangents):
     qh, kh, vh, pos, seg, o, lse = res
     do, dlse = cotangents
     delta = bw.delta_hm(o, do) - dlse
     dq, dk, dv = _ring_backward(qh, kh, vh, pos, seg, do.astype(qh.dtype), lse, delta,
                                 axis_name=axis_name, mask=mask, scale=scale,
-                                block_q=block_q, block_k=block_k)
+                                block_q=block_q, block_k=block_k, seam=seam)
     return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
 _ring_hm.defvjp(_ring_hm_fwd, _ring_hm_bwd)
+
+
+def _zigzag_dest(chunk: int, shards: int) -> int:
+    """The device that holds natural chunk `chunk` (of 2P) under zigzag placement."""
+    return chunk if chunk < shards else 2 * shards - 1 - chunk
+
+
+def _halves_swapped_if_odd(first, second, axis_name: str, axis: int):
+    """(first, second) joined along `axis` on even devices, (second, first) on odd ones."""
+    odd = lax.axis_index(axis_name) % 2 == 1
+    return jnp.where(odd, jnp.concatenate([second, first], axis),
+                     jnp.concatenate([first, second], axis))
+
+
+def zigzag_to_balanced(x: jax.Array, axis_name: str, axis: int = 1) -> jax.Array:
+    """A contiguous shard of natural order -> this device's zigzag shard, in `shard_map`.
+
+    Device r holds natural chunks 2r and 2r+1 (of 2P); zigzag wants chunks r and
+    2P-1-r. Two `ppermute`s of half a shard move every chunk straight to its owner
+    (no gather of the sequence), each device receiving one even and one odd chunk.
+    Equal to `layout.to_balanced(..., "zigzag")` on the whole sequence.
+    """
+    shards = lax.axis_size(axis_name)
+    even, odd = jnp.split(x, 2, axis)
+    recv = [lax.ppermute(half, axis_name, [(r, _zigzag_dest(2 * r + h, shards))
+                                           for r in range(shards)])
+            for h, half in enumerate((even, odd))]
+    # Device d's first chunk is chunk d: the even one when d is even.
+    return _halves_swapped_if_odd(recv[0], recv[1], axis_name, axis)
+
+
+def zigzag_to_natural(x: jax.Array, axis_name: str, axis: int = 1) -> jax.Array:
+    """Inverse of `zigzag_to_balanced`: a zigzag shard -> the contiguous natural shard."""
+    shards = lax.axis_size(axis_name)
+    first, second = jnp.split(x, 2, axis)
+    # Order this device's chunks as (even, odd) so each has one permutation.
+    chunks = jnp.split(_halves_swapped_if_odd(first, second, axis_name, axis), 2, axis)
+    sent = []
+    for parity, chunk in enumerate(chunks):
+        owners = [(d, (d if d % 2 == parity else 2 * shards - 1 - d) // 2) for d in range(shards)]
+        sent.append(lax.ppermute(chunk, axis_name, owners))
+    return jnp.concatenate(sent, axis)
 
 
 def _local_positions(batch: int, seq: int, axis_name: str) -> jax.Array:
@@ -122,7 +165,7 @@ def _local_inputs(q, k, v, positions, scale, axis_name):
 
 def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, positions=None,
                    sliding_window=None, scale=None, block_q=None, block_k=None,
-                   return_lse=False):
+                   return_lse=False, seam=bw):
     """Exact attention over a sequence sharded on `axis_name`; call inside `shard_map`.
 
     Args (this device's shards): q `[b, s_local, h, d]`; k, v `[b, s_local, h_kv, d]`;
@@ -130,10 +173,12 @@ def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, p
       split; a load-balanced layout passes the permuted positions.
     Returns:
       out `[b, s_local, h, d]` in q's dtype (and float32 lse `[b, s_local, h]`).
+    `seam`: the per-step block kernels, anything with `fwd_hm`/`bwd_hm` like
+    `lctx.kernels.blockwise` (default) or `lctx.kernels.pallas.PallasSeam`.
     """
     qh, kh, vh, positions, scale = _local_inputs(q, k, v, positions, scale, axis_name)
     o_h, lse_h = _ring_hm(qh, kh, vh, positions, segment_ids, axis_name,
-                          MaskSpec(causal, sliding_window), scale, block_q, block_k)
+                          MaskSpec(causal, sliding_window), scale, block_q, block_k, seam)
     out = bw.q_from_head_major(o_h)
     return (out, bw.lse_from_head_major(lse_h)) if return_lse else out
 

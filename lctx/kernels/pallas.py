@@ -1,0 +1,105 @@
+"""The Pallas kernels behind the block seam: choosing one, and single-device attention.
+
+`PallasSeam(kernel, interpret)` has `fwd_hm` / `bwd_hm` with the signatures of
+`lctx.kernels.blockwise.fwd_hm` / `bwd_hm`; ring attention takes it as its `seam`.
+It is a frozen dataclass, so it can be a static (hashable) argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+
+from lctx.kernels import blockwise as bw
+from lctx.kernels.blockwise import MaskSpec
+from lctx.kernels.reference import default_positions
+
+KERNELS = ("tpu", "gpu")
+_BACKEND_KERNEL = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
+
+
+def resolve_kernel(kernel: str | None, interpret: bool, backend: str | None = None) -> str:
+    """The kernel to run: `kernel` if given, else the backend's (the TPU kernel on a CPU).
+
+    Raises ValueError for an unknown kernel, or on a CPU without `interpret=True` (a CPU
+    can only run Pallas kernels in interpret mode).
+    """
+    backend = backend or jax.default_backend()
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"attention: kernel={kernel!r} is not allowed; expected None "
+                         f"(the backend decides) or one of {KERNELS}")
+    if not isinstance(interpret, bool):
+        raise ValueError(f"attention: interpret={interpret!r} is not allowed; expected a bool")
+    if backend not in _BACKEND_KERNEL and not interpret:
+        raise ValueError(f"attention: impl='pallas' on the {backend!r} backend needs "
+                         f"interpret=True; Pallas kernels run natively only on TPU or GPU "
+                         f"(on a CPU they run only in interpret mode)")
+    return kernel or _BACKEND_KERNEL.get(backend, "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasSeam:
+    """The block seam implemented by a Pallas kernel ("tpu" or "gpu")."""
+
+    kernel: str = "tpu"
+    interpret: bool = False
+
+    def _module(self):
+        return importlib.import_module(f"lctx.kernels.pallas_{self.kernel}")
+
+    def fwd_hm(self, *args, **kwargs):
+        """`blockwise.fwd_hm` computed by the kernel: (o f32, lse f32, tiles)."""
+        return self._module().fwd_hm(*args, interpret=self.interpret, **kwargs)
+
+    def bwd_hm(self, *args, **kwargs):
+        """`blockwise.bwd_hm` computed by the kernel: float32 (dq, dk, dv)."""
+        return self._module().bwd_hm(*args, interpret=self.interpret, **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _pallas_hm(qh, kh, vh, pos, seg, seam, mask, scale, block_q, block_k):
+    o, lse, _ = seam.fwd_hm(qh, kh, vh, pos, pos, seg, seg, mask=mask, scale=scale,
+                            block_q=block_q, block_k=block_k)
+    return o.astype(qh.dtype), lse
+
+
+def _pallas_hm_fwd(qh, kh, vh, pos, seg, seam, mask, scale, block_q, block_k):
+    o, lse = _pallas_hm(qh, kh, vh, pos, seg, seam, mask, scale, block_q, block_k)
+    return (o, lse), (qh, kh, vh, pos, seg, o, lse)
+
+
+def _pallas_hm_bwd(seam, mask, scale, block_q, block_k, res, cotangents):
+    qh, kh, vh, pos, seg, o, lse = res
+    do, dlse = cotangents
+    delta = bw.delta_hm(o, do) - dlse  # an lse cotangent enters like -delta
+    dq, dk, dv = seam.bwd_hm(qh, kh, vh, pos, pos, seg, seg, do, lse, delta, mask=mask,
+                             scale=scale, block_q=block_q, block_k=block_k)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+
+
+_pallas_hm.defvjp(_pallas_hm_fwd, _pallas_hm_bwd)
+
+
+def pallas_attention(q, k, v, *, causal=False, segment_ids=None, positions=None,
+                     sliding_window=None, scale=None, block_q=None, block_k=None,
+                     return_lse=False, kernel=None, interpret=False):
+    """Exact attention on one device with a fused Pallas kernel (custom VJP).
+
+    Args: q `[b, s, h, d]`; k, v `[b, s, h_kv, d]`; segment_ids, positions int32
+      `[b, s]`; kernel "tpu" | "gpu" | None (the backend decides); interpret runs the
+      kernel in Pallas interpret mode (the only way on a CPU).
+    Returns: out `[b, s, h, d]` in q's dtype (and float32 lse `[b, s, h]`).
+    """
+    b, s, _, d = q.shape
+    kv_heads = k.shape[2]
+    seam = PallasSeam(resolve_kernel(kernel, interpret), interpret)
+    scale = d ** -0.5 if scale is None else float(scale)
+    positions = default_positions(b, s) if positions is None else positions
+    o_h, lse_h = _pallas_hm(bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k),
+                            bw.kv_to_head_major(v), positions, segment_ids, seam,
+                            MaskSpec(causal, sliding_window), scale, block_q, block_k)
+    out = bw.q_from_head_major(o_h)
+    return (out, bw.lse_from_head_major(lse_h)) if return_lse else out
