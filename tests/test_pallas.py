@@ -327,3 +327,43 @@ def test_gpu_kernel_lowers_to_triton(variant):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=_TRITON)(*args)
         calls = _custom_calls(exported)
         assert calls == {"__gpu$xla.gpu.triton"}, calls
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_model_config_accepts_and_checks_pallas_options():
+    from lctx import model
+
+    ok = model.preset("tiny", attention_impl="ring",
+                      attention_options={"ring_inner": "pallas", "kernel": "tpu", "interpret": True})
+    assert ok.attention_options["ring_inner"] == "pallas"
+    model.preset("tiny", attention_impl="pallas", attention_options={"kernel": None, "block_q": 128})
+    for options, message in [
+        ({"ring_inner": "flash"}, r"attention_options.ring_inner='flash': must be one of xla, pallas"),
+        ({"kernel": "cuda"}, r"attention_options.kernel='cuda': must be None .* tpu, gpu"),
+        ({"interpret": "yes"}, r"attention_options.interpret='yes': must be a bool"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.preset("tiny", attention_impl="ring", attention_options=options)
+    with pytest.raises(ValueError, match=r"attention_options.ring_inner='pallas': attention_impl='blockwise'"):
+        model.preset("tiny", attention_impl="blockwise", attention_options={"ring_inner": "pallas"})
+
+
+def test_training_config_reports_pallas_on_cpu_without_interpret():
+    import importlib.util
+    from pathlib import Path
+
+    from lctx.training import config as cfg
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = module.get_config()
+    recipe.model.attention_impl = "pallas"
+    found = cfg.problems(recipe, 8)
+    assert any(re.search(r"model: attention: impl='pallas' on the 'cpu' backend needs "
+                         r"interpret=True", line) for line in found), found
+    recipe.model.attention_options.interpret = True
+    assert not any("interpret" in line for line in cfg.problems(recipe, 8))

@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from lctx.kernels.api import IMPL_OPTIONS, IMPLS
+from lctx.kernels.api import IMPL_OPTIONS, IMPLS, RING_INNER
+from lctx.kernels.pallas import KERNELS
 from lctx.model.rope import RopeConfig, inverse_frequencies
 
 REMAT_POLICIES = ("none", "full", "save_attention")
@@ -138,6 +139,14 @@ class ModelConfig:
             elif key == "layout" and value not in LAYOUTS:
                 out.append(f"attention_options.layout={value!r}: must be one of "
                            f"{', '.join(LAYOUTS)}")
+            elif key == "ring_inner" and value not in RING_INNER:
+                out.append(f"attention_options.ring_inner={value!r}: must be one of "
+                           f"{', '.join(RING_INNER)}")
+            elif key == "kernel" and value not in (None, *KERNELS):
+                out.append(f"attention_options.kernel={value!r}: must be None (the backend "
+                           f"decides) or one of {', '.join(KERNELS)}")
+            elif key == "interpret" and not isinstance(value, bool):
+                out.append(f"attention_options.interpret={value!r}: must be a bool")
         return out
 
     def _rope_problems(self) -> list[str]:

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from lctx import model as lm
 from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from lctx.kernels.layout import placement_multiple
+from lctx.kernels.pallas import resolve_kernel
 from lctx.training.optim import SCHEDULES
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
@@ -35,8 +36,10 @@ def base_config() -> ConfigDict:
     # Model: a preset name plus any lctx.model.ModelConfig field to override.
     c.model = ConfigDict()
     c.model.preset = "tiny"
-    c.model.attention_impl = "blockwise"  # reference | blockwise | ring | ulysses
-    c.model.attention_options = ConfigDict()  # block_q, block_k, layout, placement
+    c.model.attention_impl = "blockwise"  # reference | blockwise | ring | ulysses | pallas
+    # block_q, block_k, layout, placement; ring_inner (xla | pallas), kernel (tpu | gpu),
+    # interpret (Pallas interpret mode: the only way Pallas kernels run on a CPU)
+    c.model.attention_options = ConfigDict()
     c.model.remat = "none"  # none | full | save_attention
     c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU)
     c.model.param_dtype = "float32"
@@ -258,7 +261,12 @@ def _stage_problems(config: ConfigDict, name: str, num_devices: int) -> list[str
         local = seq_len // shards
     elif mc.attention_impl == "ulysses" and seq_len % shards:
         problems.append(f"{key}.seq_len={seq_len}: ulysses over {shards} shards needs a multiple of {shards}")
-    if mc.attention_impl in ("blockwise", "ring", "ulysses"):
+    if mc.attention_impl == "pallas" or mc.attention_options.get("ring_inner") == "pallas":
+        try:
+            resolve_kernel(mc.attention_options.get("kernel"), mc.attention_options.get("interpret", False))
+        except ValueError as err:
+            problems.append(f"{key} model: {err}")
+    if mc.attention_impl in ("blockwise", "ring", "ulysses", "pallas"):
         for opt, default in (("block_q", DEFAULT_BLOCK_Q), ("block_k", DEFAULT_BLOCK_K)):
             block = min(mc.attention_options.get(opt, default), local)
             if local % block:
