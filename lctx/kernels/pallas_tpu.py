@@ -211,8 +211,8 @@ def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *refs, m
             l, m = l_ref[j], m_ref[j]
             seen = l > 0.0
             l_safe = jnp.where(seen, l, 1.0)
-            o = acc_ref[j] / _lanes(l_safe, head_dim)
-            o_ref[j] = jnp.where(_lanes(seen, head_dim), o, 0.0).astype(o_ref.dtype)
+            # A row that saw no key has acc = 0, so its output is 0 without a select.
+            o_ref[j] = (acc_ref[j] * _lanes(1.0 / l_safe, head_dim)).astype(o_ref.dtype)
             lse_ref[j] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 
