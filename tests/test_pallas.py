@@ -367,3 +367,18 @@ def test_training_config_reports_pallas_on_cpu_without_interpret():
                          r"interpret=True", line) for line in found), found
     recipe.model.attention_options.interpret = True
     assert not any("interpret" in line for line in cfg.problems(recipe, 8))
+
+
+def test_bench_peaks_per_device():
+    """Share of peak is taken against the device's dense bf16 rate (megacore v4/v5p: both
+    TensorCores), from JAX's own TPU table."""
+    from types import SimpleNamespace
+
+    from lctx.bench.pallas import device_peak
+
+    tpu = lambda kind: SimpleNamespace(platform="tpu", device_kind=kind)
+    assert device_peak(tpu("TPU v4")) == ("TPU v4", 275e12)
+    assert device_peak(tpu("TPU v5 lite")) == ("TPU v5e", 197e12)
+    assert device_peak(tpu("TPU v5p")) == ("TPU v5p", 459e12)
+    assert device_peak(tpu("TPU v6 lite")) == ("TPU v6e", 920e12)
+    assert device_peak(SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")) == ("H100", 989e12)

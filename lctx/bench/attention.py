@@ -624,7 +624,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                                      description=__doc__.splitlines()[0])
     d = Settings()
     parser.add_argument("--impls", default=",".join(d.impls),
-                        help=f"comma-separated subset of {','.join(ALL_IMPLS)}")
+                        help=f"comma-separated subset of {','.join(ALL_IMPLS)}; or pallas "
+                             f"alone (--impl=pallas: the fused kernel on a TPU/GPU, lctx.bench.pallas)")
     parser.add_argument("--lengths", type=_ints, default=None,
                         help="sequence lengths (default 2048,...,32768; --quick: 2048,4096)")
     parser.add_argument("--batch", type=int, default=d.batch)
@@ -653,7 +654,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
 
     impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
-    unknown = [i for i in impls if i not in ALL_IMPLS]
+    unknown = [i for i in impls if i not in ALL_IMPLS + ("pallas",)]
     if unknown or not impls:
         parser.error(f"--impls={args.impls!r}: unknown {unknown}; allowed {','.join(ALL_IMPLS)}")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
@@ -681,6 +682,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Eight virtual CPU devices, before anything touches a JAX backend.
     jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
     settings = parse_settings(argv)
+    if "pallas" in settings.impls:  # one accelerator, not the 8-device CPU sweep
+        from lctx.bench import pallas as pallas_bench
+
+        return pallas_bench.run(settings)
     if jax.device_count() < NUM_DEVICES:
         print(f"needs {NUM_DEVICES} devices, found {jax.device_count()} (was a JAX backend "
               f"started before main?)", file=sys.stderr)

@@ -9,12 +9,13 @@ from lctx.kernels.blockwise import block_bwd, block_fwd, blockwise_attention, me
 from lctx.kernels.feedforward import blockwise_feedforward
 from lctx.kernels.layout import (PLACEMENTS, balanced_permutation, inverse_permutation,
                                  to_balanced, to_natural)
+from lctx.kernels.pallas import PallasSeam, pallas_attention
 from lctx.kernels.reference import reference_attention
 from lctx.kernels.ring import ring_attention, ring_tiles_computed
 from lctx.kernels.ulysses import ulysses_attention
 
 __all__ = [
-    "IMPLS", "PLACEMENTS", "attention", "balanced_permutation", "block_bwd", "block_fwd",
-    "blockwise_attention", "blockwise_feedforward", "inverse_permutation", "merge_partials", "to_balanced", "to_natural",
+    "IMPLS", "PLACEMENTS", "PallasSeam", "attention", "balanced_permutation", "block_bwd", "block_fwd",
+    "blockwise_attention", "blockwise_feedforward", "inverse_permutation", "merge_partials", "pallas_attention", "to_balanced", "to_natural",
     "reference_attention", "ring_attention", "ring_tiles_computed", "ulysses_attention",
 ]
