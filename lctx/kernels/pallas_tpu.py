@@ -58,9 +58,11 @@ GENERATION_BLOCKS = {
 }
 GENERATIONS = tuple(GENERATION_BLOCKS)
 _DEFAULT_GENERATION = "v5e"
-# Scoped VMEM the kernels may use: the largest default tiles need ~20 MiB with GQA
-# groups of 8 (v4 has 16 MiB per core; its tiles need ~9 MiB there).
-_VMEM_LIMIT = {"v4": 14 * 2**20, "v5e": 64 * 2**20, "v5p": 48 * 2**20, "v6e": 64 * 2**20}
+# Scoped VMEM the kernels may use (per TensorCore: 16 MiB on v4, 64 on v5p, 128 on
+# v5e/v6e); default query tiles shrink until `vmem_bytes` fits (GQA groups share one
+# grid step, so their q/o/statistics blocks grow with the group).
+VMEM_LIMIT = {"v4": 12 * 2**20, "v5e": 64 * 2**20, "v5p": 48 * 2**20, "v6e": 64 * 2**20}
+_MIN_DEFAULT_BQ = 128
 
 
 def generation_of(device_kind: str) -> str | None:
@@ -90,14 +92,37 @@ def _check_generation(generation):
                          f"expected one of {GENERATIONS}")
 
 
-def resolve_blocks(block_q, block_k, sq: int, sk: int, generation: str | None = None):
+def vmem_bytes(groups: int, bq: int, bk: int, head_dim: int, itemsize: int,
+               segments: bool = True) -> dict[str, int]:
+    """Estimated VMEM bytes of each pass at these tiles: double-buffered blocks,
+    scratch and the f32 `[bq, bk]` temporaries of one head (s, p; and dp, ds)."""
+    g, d, e, lane_row = groups, head_dim, itemsize, NUM_LANES * 4
+    ids = (bq * lane_row + NUM_SUBLANES * bk * 4) * (2 if segments else 1)
+    kv = 2 * bk * d * e
+    q_side = 2 * g * bq * d * e + 2 * g * bq * lane_row  # q, dO, lse, delta
+    return {
+        "fwd": 2 * (g * bq * d * e + kv + ids + g * bq * d * 4 + g * bq * lane_row)
+        + 2 * g * bq * lane_row + g * bq * d * 4 + 2 * bq * bk * 4,
+        "dkdv": 2 * (q_side + kv + ids + 2 * bk * d * 4) + 2 * bk * d * 4 + 4 * bq * bk * 4,
+        "dq": 2 * (q_side + kv + ids + g * bq * d * 4) + g * bq * d * 4 + 4 * bq * bk * 4,
+    }
+
+
+def resolve_blocks(block_q, block_k, sq: int, sk: int, generation: str | None = None,
+                   groups: int = 1, head_dim: int = 128, itemsize: int = 2):
     """Tile sizes for a call: explicit ones, else the generation's defaults, capped at
-    the sequence lengths. Raises ValueError for tiles Mosaic cannot lay out."""
+    the sequence lengths (a default block_q halves while the tiles overflow the VMEM
+    limit). Raises ValueError for tiles Mosaic cannot lay out."""
     generation = generation or current_generation()
     _check_generation(generation)
     default = GENERATION_BLOCKS[generation]
     bq = min(default.block_q if block_q is None else block_q, sq)
     bk = min(default.block_k if block_k is None else block_k, sk)
+    if block_q is None:
+        fits = lambda bq: max(vmem_bytes(groups, bq, bk, head_dim, itemsize).values()) <= (
+            VMEM_LIMIT[generation])
+        while not fits(bq) and bq > _MIN_DEFAULT_BQ and bq % 2 == 0:
+            bq //= 2
     if sq % bq or (bq % NUM_SUBLANES and bq != sq):
         raise ValueError(f"pallas_tpu: block_q={bq} is not allowed; it must divide the query "
                          f"length {sq} and be a multiple of {NUM_SUBLANES}")
@@ -169,7 +194,7 @@ def _compiler_params(generation: str | None):
     generation = generation or current_generation()
     return pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        vmem_limit_bytes=_VMEM_LIMIT[generation])
+        vmem_limit_bytes=VMEM_LIMIT[generation])
 
 
 # ----------------------------------------------------------------------------- forward
@@ -228,7 +253,8 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
     """
     b, hkv, g, sq, d = qh.shape
     sk = kh.shape[2]
-    bq, bk = resolve_blocks(block_q, block_k, sq, sk, generation)
+    bq, bk = resolve_blocks(block_q, block_k, sq, sk, generation, g, d,
+                            jnp.dtype(qh.dtype).itemsize)
     nq, nk = sq // bq, sk // bk
     by_q, _, tiles = pc.schedules(q_pos, k_pos, q_seg, k_seg, mask, bq, bk)
     has_seg = q_seg is not None
@@ -347,7 +373,8 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
     """
     b, hkv, g, sq, d = qh.shape
     sk = kh.shape[2]
-    bq, bk = resolve_blocks(block_q, block_k, sq, sk, generation)
+    bq, bk = resolve_blocks(block_q, block_k, sq, sk, generation, g, d,
+                            jnp.dtype(qh.dtype).itemsize)
     nq, nk = sq // bq, sk // bk
     by_q, by_k, _ = pc.schedules(q_pos, k_pos, q_seg, k_seg, mask, bq, bk)
     has_seg = q_seg is not None
