@@ -290,14 +290,14 @@ def test_generation_detection_and_blocks():
     assert pallas_tpu.generation_of("TPU v5p") == "v5p"
     assert pallas_tpu.generation_of("TPU v6 lite") == "v6e"
     assert pallas_tpu.generation_of("cpu") is None
-    assert pallas_tpu.resolve_blocks(None, None, 4096, 4096, "v6e") == (1024, 512)
+    assert pallas_tpu.resolve_blocks(None, None, 4096, 4096, "v6e") == (1024, 1024)
     assert pallas_tpu.resolve_blocks(256, None, 4096, 4096, "v4") == (256, 512)
     assert pallas_tpu.resolve_blocks(None, None, 64, 64, "v5p") == (64, 64)
     # GQA groups of 8 at d = 128 in bf16 overflow v4's 12 MiB at 512 and 256 query rows.
     vmem = lambda bq: max(pallas_tpu.vmem_bytes(8, bq, 512, 128, 2).values())
     assert vmem(256) > pallas_tpu.VMEM_LIMIT["v4"] >= vmem(128)
     assert pallas_tpu.resolve_blocks(None, None, 4096, 4096, "v4", 8, 128, 2) == (128, 512)
-    assert pallas_tpu.resolve_blocks(None, None, 4096, 4096, "v5e", 8, 128, 2) == (512, 512)
+    assert pallas_tpu.resolve_blocks(None, None, 4096, 4096, "v5e", 8, 128, 2) == (512, 1024)
     assert pallas_tpu.resolve_blocks(512, None, 4096, 4096, "v4", 8, 128, 2) == (512, 512)
     with pytest.raises(ValueError, match="generation='v3' is not allowed"):
         pallas_tpu.resolve_blocks(None, None, 512, 512, "v3")

@@ -48,13 +48,14 @@ class BlockSizes(NamedTuple):
 # Per TensorCore, `pltpu.get_tpu_info_for_chip` gives (bf16 FLOP/s) / (HBM B/s) of
 # about 224 (v4), 240 (v5e), 187 (v5p) and 561 (v6e). A forward tile does
 # 4 * g * bq * bk * d FLOPs per 4 * bk * d bytes of K/V, so g * bq must exceed that
-# ratio to be compute bound; bk sets the number of grid steps (~0.35 us each) and
-# the f32 score tile bq x bk. See experiments/pallas_roofline.md.
+# ratio to be compute bound; bk sets the work per grid step against its fixed cost
+# (~0.35 us) and the f32 score tile bq x bk (v4's 16 MiB VMEM keeps it at 512).
+# See experiments/pallas_roofline.md.
 GENERATION_BLOCKS = {
     "v4": BlockSizes(512, 512),
-    "v5e": BlockSizes(512, 512),
-    "v5p": BlockSizes(512, 512),
-    "v6e": BlockSizes(1024, 512),
+    "v5e": BlockSizes(512, 1024),
+    "v5p": BlockSizes(512, 1024),
+    "v6e": BlockSizes(1024, 1024),
 }
 GENERATIONS = tuple(GENERATION_BLOCKS)
 _DEFAULT_GENERATION = "v5e"
