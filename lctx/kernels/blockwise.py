@@ -108,13 +108,18 @@ def _tile_kind(q_ranges, k_ranges, mask: MaskSpec) -> jax.Array:
     return jnp.where(may, jnp.where(jnp.all(full), _FULL, _MASKED), _SKIP).astype(jnp.int32)
 
 
-def _tile_logits(q_tile, k_tile, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec, masked: bool):
-    """Scaled logits `[b, hkv, g, bq, bk]` in float32, -inf where masked."""
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile, preferred_element_type=jnp.float32)
+def _tile_logits(q_tile, kt_tile, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec, masked: bool):
+    """Scaled logits `[b, hkv, rows, bk]` in float32, -inf where masked.
+
+    `q_tile` is `[b, hkv, rows, d]` with rows = (group, query) and `q_pos`/`q_seg`
+    `[b, rows]`; `kt_tile` is K transposed, `[b, hkv, d, bk]`: the matmul's right
+    operand as [contracting, columns], so XLA:CPU needs no per-tile copy of it.
+    """
+    s = jnp.einsum("bhrd,bhdk->bhrk", q_tile, kt_tile, preferred_element_type=jnp.float32)
     if masked:
         m = pair_mask(q_pos, k_pos, q_seg, k_seg, causal=mask.causal,
                       sliding_window=mask.sliding_window)
-        s = jnp.where(m[:, None, None], s, -jnp.inf)
+        s = jnp.where(m[:, None], s, -jnp.inf)
     return s
 
 
@@ -130,11 +135,37 @@ def _merge(x: jax.Array, axis: int) -> jax.Array:
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _ids_tiles(ids, block):
-    """Int ids `[b, s]` -> tiles `[n, b, block]` and their (min, max) ranges `[n, b]`."""
+def _t(x: jax.Array) -> jax.Array:
+    """Swaps the last two axes (`[..., s, d]` <-> `[..., d, s]`)."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _q_tiles(x: jax.Array, block: int) -> jax.Array:
+    """`[b, hkv, g, sq, ...]` -> `[n, b, hkv, g * block, ...]`: query tiles as rows.
+
+    A tile's rows are (group, query) pairs, so every product in a tile is one matmul
+    per K/V head with plain 2-D operands (GQA groups share K/V without copies).
+    """
+    t = _split(x, 3, block)
+    return t.reshape(t.shape[:3] + (t.shape[3] * t.shape[4],) + t.shape[5:])
+
+
+def _q_untile(t: jax.Array, groups: int) -> jax.Array:
+    """Inverse of `_q_tiles`."""
+    t = t.reshape(t.shape[:3] + (groups, t.shape[3] // groups) + t.shape[4:])
+    return _merge(t, 3)
+
+
+def _ids_tiles(ids, block, groups: int = 1):
+    """Int ids `[b, s]` -> tiles `[n, b, groups * block]` (repeated per group) and
+    their (min, max) ranges `[n, b]`."""
     if ids is None:
         return None, ()
-    return _split(ids, 1, block), block_ranges(ids, block)
+    t = _split(ids, 1, block)
+    if groups > 1:
+        n, b, _ = t.shape
+        t = jnp.broadcast_to(t[:, :, None], (n, b, groups, block)).reshape(n, b, groups * block)
+    return t, block_ranges(ids, block)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -156,47 +187,48 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
     sk = kh.shape[2]
     bq = effective_block(block_q, sq, DEFAULT_BLOCK_Q)
     bk = effective_block(block_k, sk, DEFAULT_BLOCK_K)
+    rows = g * bq
     masked_any = mask.any_position_mask() or q_seg is not None
     qh = qh * jnp.asarray(scale, qh.dtype)
 
-    q_tiles, k_tiles, v_tiles = _split(qh, 3, bq), _split(kh, 2, bk), _split(vh, 2, bk)
-    qp_t, qp_r = _ids_tiles(q_pos, bq)
+    q_tiles, kt_tiles, v_tiles = _q_tiles(qh, bq), _split(_t(kh), 3, bk), _split(vh, 2, bk)
+    qp_t, qp_r = _ids_tiles(q_pos, bq, g)
     kp_t, kp_r = _ids_tiles(k_pos, bk)
-    qs_t, qs_r = _ids_tiles(q_seg, bq)
+    qs_t, qs_r = _ids_tiles(q_seg, bq, g)
     ks_t, ks_r = _ids_tiles(k_seg, bk)
 
     def q_step(count, q_in):
         q_tile, qp, qs, q_ranges = q_in
-        m0 = jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((b, hkv, g, bq), jnp.float32)
-        acc0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+        m0 = jnp.full((b, hkv, rows), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((b, hkv, rows), jnp.float32)
+        acc0 = jnp.zeros((b, hkv, rows, d), jnp.float32)
 
-        def update(carry, k_tile, v_tile, kp, ks, masked):
+        def update(carry, kt_tile, v_tile, kp, ks, masked):
             m, l, acc, n = carry
-            s = _tile_logits(q_tile, k_tile, qp, kp, qs, ks, mask, masked)
+            s = _tile_logits(q_tile, kt_tile, qp, kp, qs, ks, mask, masked)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l = l * alpha + p.sum(axis=-1)
-            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v_tile.dtype), v_tile,
+            pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v_tile.dtype), v_tile,
                             preferred_element_type=jnp.float32)
             return m_new, l, acc * alpha[..., None] + pv, n + 1
 
         def k_step(carry, k_in):
-            k_tile, v_tile, kp, ks, k_ranges = k_in
+            kt_tile, v_tile, kp, ks, k_ranges = k_in
             if not masked_any:
-                return update(carry, k_tile, v_tile, kp, ks, False), None
+                return update(carry, kt_tile, v_tile, kp, ks, False), None
             kind = _tile_kind(q_ranges, k_ranges, mask)
             branches = (
                 lambda c: c,
-                lambda c: update(c, k_tile, v_tile, kp, ks, False),
-                lambda c: update(c, k_tile, v_tile, kp, ks, True),
+                lambda c: update(c, kt_tile, v_tile, kp, ks, False),
+                lambda c: update(c, kt_tile, v_tile, kp, ks, True),
             )
             return lax.switch(kind, branches, carry), None
 
         (m, l, acc, count), _ = lax.scan(
-            k_step, (m0, l0, acc0, count), (k_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
+            k_step, (m0, l0, acc0, count), (kt_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
         seen = l > 0.0
         o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
@@ -204,7 +236,7 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
 
     count, (o_tiles, lse_tiles) = lax.scan(
         q_step, jnp.int32(0), (q_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
-    return _merge(o_tiles, 3), _merge(lse_tiles, 3), count
+    return _q_untile(o_tiles, g), _q_untile(lse_tiles, g), count
 
 
 def _zip_ranges(pos_r, seg_r):
@@ -234,57 +266,62 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
     # Rows that saw no key have lse = -inf; +inf makes their p exactly 0.
     lse_h = jnp.where(jnp.isneginf(lse_h), jnp.inf, lse_h)
 
-    q_tiles, do_tiles = _split(qh, 3, bq), _split(do_h, 3, bq)
-    lse_tiles, delta_tiles = _split(lse_h, 3, bq), _split(delta_h, 3, bq)
-    k_tiles, v_tiles = _split(kh, 2, bk), _split(vh, 2, bk)
-    qp_t, qp_r = _ids_tiles(q_pos, bq)
+    q_tiles, do_tiles = _q_tiles(qh, bq), _q_tiles(do_h, bq)
+    lse_tiles, delta_tiles = _q_tiles(lse_h, bq), _q_tiles(delta_h, bq)
+    k_tiles, kt_tiles, vt_tiles = _split(kh, 2, bk), _split(_t(kh), 3, bk), _split(_t(vh), 3, bk)
+    qp_t, qp_r = _ids_tiles(q_pos, bq, g)
     kp_t, kp_r = _ids_tiles(k_pos, bk)
-    qs_t, qs_r = _ids_tiles(q_seg, bq)
+    qs_t, qs_r = _ids_tiles(q_seg, bq, g)
     ks_t, ks_r = _ids_tiles(k_seg, bk)
-    zero_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
+    zero_kv = jnp.zeros((b, hkv, d, bk), jnp.float32)
 
     def q_step(dkv, q_in):
         q_tile, do_tile, lse_t, delta_t, qp, qs, q_ranges = q_in
+        qt_tile, dot_tile = _t(q_tile), _t(do_tile)
 
-        def grads(dq, k_tile, v_tile, kp, ks, masked):
-            s = _tile_logits(q_tile, k_tile, qp, kp, qs, ks, mask, masked)
+        # Every product keeps the [rows, bk] operand where XLA:CPU's matmul takes it
+        # as is (left with bk contracted last, or right with rows contracted first);
+        # only the small [*, d] operands are transposed (q and dO once per query
+        # tile), and dK, dV are built transposed, `[b, hkv, d, bk]`, for that reason.
+        def grads(dq, k_tile, kt_tile, vt_tile, kp, ks, masked):
+            s = _tile_logits(q_tile, kt_tile, qp, kp, qs, ks, mask, masked)
             p = jnp.exp(s - lse_t[..., None])
-            dv = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_tile.dtype), do_tile,
-                            preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_tile, v_tile,
+            dvt = jnp.einsum("bhdr,bhrk->bhdk", dot_tile, p.astype(do_tile.dtype),
+                             preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bhrd,bhdk->bhrk", do_tile, vt_tile,
                             preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_t[..., None])).astype(q_tile.dtype)
-            dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_tile,
+            dq = dq + jnp.einsum("bhrk,bhkd->bhrd", ds, k_tile,
                                  preferred_element_type=jnp.float32)
-            dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_tile, preferred_element_type=jnp.float32)
-            return dq, (dk, dv)
+            dkt = jnp.einsum("bhdr,bhrk->bhdk", qt_tile, ds, preferred_element_type=jnp.float32)
+            return dq, (dkt, dvt)
 
         def k_step(dq, k_in):
-            k_tile, v_tile, kp, ks, k_ranges = k_in
+            k_tile, kt_tile, vt_tile, kp, ks, k_ranges = k_in
             if not masked_any:
-                return grads(dq, k_tile, v_tile, kp, ks, False)
+                return grads(dq, k_tile, kt_tile, vt_tile, kp, ks, False)
             kind = _tile_kind(q_ranges, k_ranges, mask)
             branches = (
                 lambda c: (c, (zero_kv, zero_kv)),
-                lambda c: grads(c, k_tile, v_tile, kp, ks, False),
-                lambda c: grads(c, k_tile, v_tile, kp, ks, True),
+                lambda c: grads(c, k_tile, kt_tile, vt_tile, kp, ks, False),
+                lambda c: grads(c, k_tile, kt_tile, vt_tile, kp, ks, True),
             )
             return lax.switch(kind, branches, dq)
 
-        dq0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+        dq0 = jnp.zeros((b, hkv, g * bq, d), jnp.float32)
         dq, (dk_parts, dv_parts) = lax.scan(
-            k_step, dq0, (k_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
+            k_step, dq0, (k_tiles, kt_tiles, vt_tiles, kp_t, ks_t, kp_r + ks_r))
         # dK/dV accumulate in the carry: stacking per-query-tile parts would be O(seq^2).
         return (dkv[0] + dk_parts, dkv[1] + dv_parts), dq
 
-    dkv0 = (jnp.zeros(k_tiles.shape, jnp.float32), jnp.zeros(v_tiles.shape, jnp.float32))
+    dkv0 = (jnp.zeros(kt_tiles.shape, jnp.float32), jnp.zeros(vt_tiles.shape, jnp.float32))
     (dk_tiles, dv_tiles), dq_tiles = lax.scan(
         q_step, dkv0,
         (q_tiles, do_tiles, lse_tiles, delta_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
     # dq was taken against the scaled q: d(loss)/d(q) = scale * d(loss)/d(q * scale).
-    dq = _merge(dq_tiles, 3) * scale
-    dk = _merge(dk_tiles, 2)
-    dv = _merge(dv_tiles, 2)
+    dq = _q_untile(dq_tiles, g) * scale
+    dk = _t(_merge(dk_tiles, 3))
+    dv = _t(_merge(dv_tiles, 3))
     return dq, dk, dv
 
 
