@@ -34,18 +34,21 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Pretraining seeds (each method 
 _METHODS = flags.DEFINE_list("methods", [], "Subset of methods (default: all).")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the pretraining steps.")
 _FT_STEPS = flags.DEFINE_integer("ft_steps", None, "Override the fine-tune steps (<= 200).")
+_SHARE_BASE = flags.DEFINE_bool(
+    "share_base", False, "Pretrain once (the first seed) and vary only the fine-tune data order "
+    "and passkey keys over seeds: the cheap variant when the CPU is short.")
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
 # Sizes. Full: the issue's study on a 2-core CPU. Quick: seconds per part.
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=400, pretrain_batch=16, pretrain_lr=3e-3,
-            ft_steps=60, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.1,
+            ft_steps=40, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.1,
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
-             ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=1, mix=0.2,
+             ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2,
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              depths=(0.5,), trials=1, curve_tokens=128, block=32)
 
@@ -130,7 +133,9 @@ def train(config) -> None:
     problems = cfg.problems(config, jax.device_count())
     if problems:
         raise SystemExit("invalid study config:\n  " + "\n  ".join(problems))
-    run(config)
+    summary = run(config)
+    if "interrupted" in summary:  # a checkpoint is saved; rerunning resumes
+        raise SystemExit(f"study: {config.name} interrupted by {summary['interrupted']}")
 
 
 def _done(results_path: str) -> dict[tuple, dict]:
@@ -160,13 +165,13 @@ def _brief(r: dict) -> dict:
 
 
 def evaluate(s: dict, model_config, params, corpus, tokenizer, lengths, tasks=("ppl", "passkey"),
-             max_tokens=None) -> dict:
+             max_tokens=None, seed=0) -> dict:
     from lctx.eval.api import evaluate_model
 
     r = evaluate_model(model_config, params, tokenizer, corpus.splits["validation"],
                        text_key=corpus.text_key, tasks=tasks, lengths=lengths, stride=s["stride"],
                        max_tokens=max_tokens or s["max_tokens"], batch_size=4,
-                       depths=s["depths"], trials=s["trials"], progress=False)
+                       depths=s["depths"], trials=s["trials"], seed=seed, progress=False)
     out = {"ppl": {n: {"ppl": v["ppl"], "bits_per_byte": v["bits_per_byte"], "tokens": v["tokens"]}
                    for n, v in r.get("ppl", {}).items()}}
     if "passkey" in r:
@@ -194,8 +199,9 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
     table = methods(s)
     L, factor = s["train_len"], s["factor"]
     for seed in seeds:
-        base_name = f"base_s{seed}"
-        base_cfg = run_config(out, s, base_name, seed, tok_path, {"pretrain": dict(
+        base_seed = seeds[0] if _SHARE_BASE.value else seed
+        base_name = f"base_s{base_seed}"
+        base_cfg = run_config(out, s, base_name, base_seed, tok_path, {"pretrain": dict(
             seq_len=L, batch_size=s["pretrain_batch"], steps=s["pretrain_steps"],
             learning_rate=s["pretrain_lr"], warmup_steps=max(1, s["pretrain_steps"] // 10))})
         base_cfg.checkpoint.every_steps = 100
@@ -205,16 +211,16 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
         export = os.path.join(out, "runs", base_name, "export")
         if not os.path.isdir(export):
             save_checkpoint(base_model, base_params, export)
-        if ("check", "base", seed) not in done:
+        if ("check", "base", base_seed) not in done:
             r = evaluate(s, base_model, base_params, corpus, tokenizer,
                          (s["short"], L, factor * L), tasks=("ppl",))
             p = {int(n): v["ppl"] for n, v in r["ppl"].items()}
-            record = {"kind": "check", "method": "base", "seed": seed, **r,
+            record = {"kind": "check", "method": "base", "seed": base_seed, **r,
                       "extrapolation_ratio": p[factor * L] / p[L],
                       "context_gain": p[s["short"]] / p[L]}
             record["passes"] = record["extrapolation_ratio"] >= 2.0 and record["context_gain"] >= 1.3
             _append(results_path, record)
-            done[("check", "base", seed)] = record
+            done[("check", "base", base_seed)] = record
         for name in names:
             if ("method", name, seed) in done:
                 continue
@@ -229,10 +235,11 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
                 _, model_config, params, _, _ = load_run(ft_cfg.workdir)
             else:
                 model_config, params = with_rope_scaling(base_model, m["rope_scaling"]), base_params
-            record = {"kind": "method", "method": name, "seed": seed,
+            record = {"kind": "method", "method": name, "seed": seed, "base_seed": base_seed,
                       "rope_scaling": m["rope_scaling"], "finetune": m["finetune"],
                       "ft_steps": s["ft_steps"] if m["finetune"] else 0,
-                      **evaluate(s, model_config, params, corpus, tokenizer, s["lengths"])}
+                      **evaluate(s, model_config, params, corpus, tokenizer, s["lengths"],
+                                 seed=seed)}
             if name in ("pi_ft", "yarn_ft"):  # perplexity at 4x after every ft_every steps
                 curve = {}
                 for step in _checkpoint_steps(ft_cfg.workdir):

@@ -254,8 +254,8 @@ def load_run(workdir: str, step: int | None = None):
     with open(path) as f:
         raw = json.load(f)
     config = ConfigDict(_tuples(raw))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1000,
-                                async_save=False)
+    directory = config.checkpoint.get("directory", "") or os.path.join(workdir, "checkpoints")
+    checkpointer = Checkpointer(directory, every_steps=0, keep=1000, async_save=False)
     try:
         steps = checkpointer.steps()
         if not steps:

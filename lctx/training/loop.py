@@ -428,6 +428,11 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
         stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
         depths=tuple(e.depths), trials=e.trials, seed=e.seed)
     summary: dict[str, Any] = {"lengths": results.get("ppl", {})}
+    if jax.process_index() == 0 and ("passkey" in results or "needle" in results):
+        from lctx.eval.api import format_table
+
+        print(f"evaluation ({os.path.join(cfg.workdir(config), 'eval', 'results.json')}):\n"
+              f"{format_table(results)}")
     for task in ("passkey", "needle"):
         if task in results:
             summary[task] = {"accuracy": results[task]["accuracy"],
