@@ -388,3 +388,22 @@ def test_bench_peaks_per_device():
     assert device_peak(tpu("TPU v5p")) == ("TPU v5p", 459e12)
     assert device_peak(tpu("TPU v6 lite")) == ("TPU v6e", 920e12)
     assert device_peak(SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")) == ("H100", 989e12)
+
+
+@pytest.mark.slow
+def test_model_with_pallas_attention_matches_blockwise():
+    """The tiny model's loss and gradients with attention_impl="pallas" (interpret)."""
+    from lctx import model
+
+    pallas = model.preset("tiny", attention_impl="pallas",
+                          attention_options={"interpret": True, "block_q": 64, "block_k": 128})
+    blockwise = pallas.replace(attention_impl="blockwise",
+                               attention_options={"block_q": 64, "block_k": 128})
+    params = model.init(blockwise, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 128)), jnp.int32)
+    run = lambda cfg: jax.jit(jax.value_and_grad(
+        lambda p: model.loss(cfg, p, tokens, tokens)[0]))(params)
+    (loss_p, grads_p), (loss_b, grads_b) = run(pallas), run(blockwise)
+    assert abs(float(loss_p) - float(loss_b)) < 1e-5
+    for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_b)):
+        assert max_abs(a, b) < 1e-5
