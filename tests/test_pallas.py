@@ -205,6 +205,8 @@ def test_cpu_without_interpret_is_a_clear_error():
         kernels.attention(q, q, q, impl="ring", ring_inner="triton", mesh=mesh)
     with pytest.raises(ValueError, match="block_k=64 is not allowed"):
         kernels.attention(q, q, q, impl="pallas", interpret=True, block_k=64)
+    with pytest.raises(ValueError, match="pallas_gpu: block_q=8 is not allowed"):
+        kernels.attention(q, q, q, impl="pallas", kernel="gpu", interpret=True, block_q=8)
 
 
 # ----------------------------------------------------------------------------- GPU kernel

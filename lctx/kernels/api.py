@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lctx import compat
 from lctx.kernels.blockwise import blockwise_attention
-from lctx.kernels.pallas import PallasSeam, pallas_attention, resolve_kernel
+from lctx.kernels.pallas import PallasSeam, check_blocks, pallas_attention, resolve_kernel
 from lctx.kernels.layout import PLACEMENTS, placement_multiple, to_balanced, to_natural
 from lctx.kernels.reference import default_positions, reference_attention
 from lctx.kernels.ring import ring_attention, zigzag_to_balanced, zigzag_to_natural
@@ -163,6 +163,9 @@ def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scal
         local_seq = seq  # each device attends over the whole sequence for its heads
     _check_block("block_q", impl_options.get("block_q"), local_seq, "per-device")
     _check_block("block_k", impl_options.get("block_k"), local_seq, "per-device")
+    if kernel is not None:
+        check_blocks(kernel, impl_options.get("block_q"), impl_options.get("block_k"),
+                     local_seq, heads // kv_heads, head_dim, q.dtype)
 
     return _Plan(impl=impl, causal=bool(causal), sliding_window=sliding_window,
                  scale=float(head_dim**-0.5 if scale is None else scale), mesh=mesh,

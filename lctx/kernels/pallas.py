@@ -12,6 +12,7 @@ import functools
 import importlib
 
 import jax
+import jax.numpy as jnp
 
 from lctx.kernels import blockwise as bw
 from lctx.kernels.blockwise import MaskSpec
@@ -38,6 +39,20 @@ def resolve_kernel(kernel: str | None, interpret: bool, backend: str | None = No
                          f"interpret=True; Pallas kernels run natively only on TPU or GPU "
                          f"(on a CPU they run only in interpret mode)")
     return kernel or _BACKEND_KERNEL.get(backend, "tpu")
+
+
+def check_blocks(kernel: str, block_q, block_k, seq: int, groups: int, head_dim: int,
+                 dtype) -> tuple[int, int]:
+    """The (block_q, block_k) the kernel will use on `seq`-long blocks, from shapes
+    alone (so bad tiles fail before tracing). Raises the kernel's ValueError."""
+    if kernel == "tpu":
+        from lctx.kernels import pallas_tpu
+
+        return pallas_tpu.resolve_blocks(block_q, block_k, seq, seq, None, groups, head_dim,
+                                         jnp.dtype(dtype).itemsize)
+    from lctx.kernels import pallas_gpu
+
+    return pallas_gpu.resolve_blocks(block_q, block_k, seq, seq, head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
