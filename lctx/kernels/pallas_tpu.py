@@ -13,7 +13,9 @@ Design:
   maps read from SMEM (scalar prefetch): hidden tiles are neither computed nor
   loaded; fully visible tiles skip the mask arithmetic.
 - Online softmax in float32 in VMEM scratch. Row statistics (max, sum, lse, delta)
-  are kept lane-replicated `[rows, 128]`, the layout Mosaic handles natively.
+  are lane-replicated `[rows, 128]` where they stay resident (forward, dQ); the dK/dV
+  pass, which streams them, works on transposed tiles `[bk, bq]` and reads them as
+  sublane-replicated rows `[8, bq]` (16x fewer bytes).
 - A row that sees no key has lse = -inf and output 0; in the backward its lse is
   +inf so its probabilities are exactly 0.
 """
@@ -97,14 +99,17 @@ def vmem_bytes(groups: int, bq: int, bk: int, head_dim: int, itemsize: int,
                segments: bool = True) -> dict[str, int]:
     """Estimated VMEM bytes of each pass at these tiles: double-buffered blocks,
     scratch and the f32 `[bq, bk]` temporaries of one head (s, p; and dp, ds)."""
-    g, d, e, lane_row = groups, head_dim, itemsize, NUM_LANES * 4
-    ids = (bq * lane_row + NUM_SUBLANES * bk * 4) * (2 if segments else 1)
+    g, d, e, lane_row, sub_col = groups, head_dim, itemsize, NUM_LANES * 4, NUM_SUBLANES * 4
+    n_ids = 2 if segments else 1
+    ids = (bq * lane_row + bk * sub_col) * n_ids  # query ids as columns, key ids as rows
+    ids_t = (bq * sub_col + bk * lane_row) * n_ids  # dK/dV: transposed
     kv = 2 * bk * d * e
     q_side = 2 * g * bq * d * e + 2 * g * bq * lane_row  # q, dO, lse, delta
+    q_side_t = 2 * g * bq * d * e + 2 * g * bq * sub_col
     return {
         "fwd": 2 * (g * bq * d * e + kv + ids + g * bq * d * 4 + g * bq * lane_row)
         + 2 * g * bq * lane_row + g * bq * d * 4 + 2 * bq * bk * 4,
-        "dkdv": 2 * (q_side + kv + ids + 2 * bk * d * 4) + 2 * bk * d * 4 + 4 * bq * bk * 4,
+        "dkdv": 2 * (q_side_t + kv + ids_t + 2 * bk * d * 4) + 2 * bk * d * 4 + 4 * bq * bk * 4,
         "dq": 2 * (q_side + kv + ids + g * bq * d * 4) + g * bq * d * 4 + 4 * bq * bk * 4,
     }
 
@@ -124,13 +129,13 @@ def resolve_blocks(block_q, block_k, sq: int, sk: int, generation: str | None = 
             VMEM_LIMIT[generation])
         while not fits(bq) and bq > _MIN_DEFAULT_BQ and bq % 2 == 0:
             bq //= 2
-    if sq % bq or (bq % NUM_SUBLANES and bq != sq):
-        raise ValueError(f"pallas_tpu: block_q={bq} is not allowed; it must divide the query "
-                         f"length {sq} and be a multiple of {NUM_SUBLANES}")
-    if sk % bk or (bk % NUM_LANES and not (bk == sk and bk < NUM_LANES)):
-        raise ValueError(f"pallas_tpu: block_k={bk} is not allowed; it must divide the key "
-                         f"length {sk} and be a multiple of {NUM_LANES} (or the whole "
-                         f"key length when that is below {NUM_LANES})")
+    # Each pass has one of the two tiles along lanes (the score tile `[bq, bk]`, and
+    # `[bk, bq]` in dK/dV), so both follow the lane rule.
+    for name, block, seq, what in (("block_q", bq, sq, "query"), ("block_k", bk, sk, "key")):
+        if seq % block or (block % NUM_LANES and not (block == seq and block < NUM_LANES)):
+            raise ValueError(f"pallas_tpu: {name}={block} is not allowed; it must divide the "
+                             f"{what} length {seq} and be a multiple of {NUM_LANES} (or the "
+                             f"whole {what} length when that is below {NUM_LANES})")
     return bq, bk
 
 
@@ -154,6 +159,12 @@ def _k_ids(ids: jax.Array) -> jax.Array:
 def _stat_in(x: jax.Array) -> jax.Array:
     """Row statistic `[b, hkv, g, s]` -> lane-replicated `[b, hkv, g, s, 128]`."""
     return jnp.broadcast_to(x[..., None].astype(jnp.float32), (*x.shape, NUM_LANES))
+
+
+def _stat_rows(x: jax.Array) -> jax.Array:
+    """Row statistic `[b, hkv, g, s]` -> sublane-replicated `[b, hkv, g, 8, s]`."""
+    return jnp.broadcast_to(x[..., None, :].astype(jnp.float32),
+                            (*x.shape[:-1], NUM_SUBLANES, x.shape[-1]))
 
 
 def _tile_mask(qp_ref, kp_ref, qs_ref, ks_ref, mask: MaskSpec, bk: int):
@@ -304,7 +315,7 @@ def _probs(q, k, lse, scale, keep, bk):
 
 
 def _dkdv_kernel(idx_ref, kind_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qp_ref,
-                 kp_ref, *refs, mask, scale, has_seg, groups, n_rows, n_cols, bk):
+                 kp_ref, *refs, mask, scale, has_seg, groups, n_rows, n_cols, bq):
     del idx_ref
     _, (qs_ref, ks_ref), (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(refs, 0, has_seg)
     b, jk, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -316,15 +327,22 @@ def _dkdv_kernel(idx_ref, kind_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def update(masked: bool):
+        # Transposed tiles `[bk, bq]`: the query-side statistics and ids are rows, so
+        # they stream at 32 bytes per query row and every product is a plain
+        # (or `a @ b.T`) matmul, no transposes.
         k, v = k_ref[...], v_ref[...]
-        keep = _tile_mask(qp_ref, kp_ref, qs_ref, ks_ref, mask, bk) if masked else None
+        keep = None
+        if masked:
+            qs = qs_ref[:1, :] if has_seg else None
+            ks = _lanes(ks_ref[...], bq) if has_seg else None
+            keep = pc.visible(qp_ref[:1, :], _lanes(kp_ref[...], bq), qs, ks, mask)
         for j in range(groups):
             q, do = q_ref[j], do_ref[j]
-            p = _probs(q, k, lse_ref[j], scale, keep, bk)
-            dv_acc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-            dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-            ds = p * (dp - _lanes(delta_ref[j], bk))
-            dk_acc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+            pt = jnp.exp(_scores(k, q, scale, keep) - lse_ref[j, :1, :])
+            dv_acc[...] += lax.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
+            dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+            dst = pt * (dpt - delta_ref[j, :1, :])
+            dk_acc[...] += lax.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     _when_kind(kind, update, mask.any_position_mask() or has_seg)
 
@@ -379,30 +397,36 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
     nq, nk = sq // bq, sk // bk
     by_q, by_k, _ = pc.schedules(q_pos, k_pos, q_seg, k_seg, mask, bq, bk)
     has_seg = q_seg is not None
-    lse = _stat_in(jnp.where(jnp.isneginf(lse_h), jnp.inf, lse_h))
-    delta = _stat_in(delta_h)
+    lse_h = jnp.where(jnp.isneginf(lse_h), jnp.inf, lse_h)
     do_h = do_h.astype(qh.dtype)
-    q_args = [qh, do_h, lse, delta]
     kv_args = [kh, vh]
-    ids = [_q_ids(q_pos), _k_ids(k_pos)] + ([_q_ids(q_seg), _k_ids(k_seg)] if has_seg else [])
-    statics = dict(mask=mask, scale=scale, has_seg=has_seg, groups=g, bk=bk)
+    statics = dict(mask=mask, scale=scale, has_seg=has_seg, groups=g)
 
-    def specs(q_block, k_block):
-        """In-specs given index functions for the query block and the key block."""
-        qs = pl.BlockSpec((None, None, g, bq, d), lambda *a: (a[0], a[1], 0, q_block(*a), 0))
-        st = pl.BlockSpec((None, None, g, bq, NUM_LANES),
-                          lambda *a: (a[0], a[1], 0, q_block(*a), 0))
+    def specs(q_block, k_block, transposed: bool):
+        """In-specs given index functions for the query block and the key block; with
+        `transposed` the query-side statistics and ids are rows and key ids columns."""
+        at_q = lambda *a: (a[0], a[1], 0, q_block(*a), 0)
+        qs = pl.BlockSpec((None, None, g, bq, d), at_q)
         kv = pl.BlockSpec((None, None, bk, d), lambda *a: (a[0], a[1], k_block(*a), 0))
-        qid = pl.BlockSpec((None, bq, NUM_LANES), lambda *a: (a[0], q_block(*a), 0))
-        kid = pl.BlockSpec((None, NUM_SUBLANES, bk), lambda *a: (a[0], 0, k_block(*a)))
+        if transposed:
+            st = pl.BlockSpec((None, None, g, NUM_SUBLANES, bq),
+                              lambda *a: (a[0], a[1], 0, 0, q_block(*a)))
+            qid = pl.BlockSpec((None, NUM_SUBLANES, bq), lambda *a: (a[0], 0, q_block(*a)))
+            kid = pl.BlockSpec((None, bk, NUM_LANES), lambda *a: (a[0], k_block(*a), 0))
+        else:
+            st = pl.BlockSpec((None, None, g, bq, NUM_LANES), at_q)
+            qid = pl.BlockSpec((None, bq, NUM_LANES), lambda *a: (a[0], q_block(*a), 0))
+            kid = pl.BlockSpec((None, NUM_SUBLANES, bk), lambda *a: (a[0], 0, k_block(*a)))
         return [qs, qs, st, st, kv, kv, qid, kid] + ([qid, kid] if has_seg else []), qs, kv
 
     # dK/dV: grid (b, h, key block, t) over the query blocks that see this key block.
     in_specs, _, kv_out = specs(lambda b_, h, jk, t, idx, kd: idx[(b_ * nk + jk) * nq + t],
-                                lambda b_, h, jk, t, idx, kd: jk)
+                                lambda b_, h, jk, t, idx, kd: jk, transposed=True)
+    q_args = [qh, do_h, _stat_rows(lse_h), _stat_rows(delta_h)]
+    ids = [_k_ids(q_pos), _q_ids(k_pos)] + ([_k_ids(q_seg), _q_ids(k_seg)] if has_seg else [])
     with _interpret_context(interpret):
         dk, dv = pl.pallas_call(
-            functools.partial(_dkdv_kernel, n_rows=nk, n_cols=nq, **statics),
+            functools.partial(_dkdv_kernel, n_rows=nk, n_cols=nq, bq=bq, **statics),
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=2, grid=(b, hkv, nk, nq), in_specs=in_specs,
                 out_specs=[kv_out, kv_out],
@@ -414,10 +438,13 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
 
     # dQ: grid (b, h, query block, t) over the key blocks this query block sees.
     in_specs, q_out, _ = specs(lambda b_, h, i, t, idx, kd: i,
-                               lambda b_, h, i, t, idx, kd: idx[(b_ * nq + i) * nk + t])
+                               lambda b_, h, i, t, idx, kd: idx[(b_ * nq + i) * nk + t],
+                               transposed=False)
+    q_args = [qh, do_h, _stat_in(lse_h), _stat_in(delta_h)]
+    ids = [_q_ids(q_pos), _k_ids(k_pos)] + ([_q_ids(q_seg), _k_ids(k_seg)] if has_seg else [])
     with _interpret_context(interpret):
         dq = pl.pallas_call(
-            functools.partial(_dq_kernel, n_rows=nq, n_cols=nk, **statics),
+            functools.partial(_dq_kernel, n_rows=nq, n_cols=nk, bk=bk, **statics),
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=2, grid=(b, hkv, nq, nk), in_specs=in_specs,
                 out_specs=q_out, scratch_shapes=[pltpu.VMEM((g, bq, d), jnp.float32)]),
