@@ -400,11 +400,11 @@ def test_model_with_pallas_attention_matches_blockwise():
     from lctx import model
 
     pallas = model.preset("tiny", attention_impl="pallas",
-                          attention_options={"interpret": True, "block_q": 64, "block_k": 128})
+                          attention_options={"interpret": True, "block_q": 128, "block_k": 128})
     blockwise = pallas.replace(attention_impl="blockwise",
-                               attention_options={"block_q": 64, "block_k": 128})
+                               attention_options={"block_q": 128, "block_k": 128})
     params = model.init(blockwise, jax.random.PRNGKey(0))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 128)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 256)), jnp.int32)
     run = lambda cfg: jax.jit(jax.value_and_grad(
         lambda p: model.loss(cfg, p, tokens, tokens)[0]))(params)
     (loss_p, grads_p), (loss_b, grads_b) = run(pallas), run(blockwise)
