@@ -183,12 +183,11 @@ def _scores(q, k, scale, keep):
     return s if keep is None else jnp.where(keep, s, -jnp.inf)
 
 
-def _split_refs(refs, n_in: int, has_seg: bool):
-    """(inputs, segment refs (qs, ks) or (None, None), remaining refs)."""
-    ins, rest = refs[:n_in], refs[n_in:]
+def _split_refs(refs, has_seg: bool):
+    """(segment refs (qs, ks) or (None, None), the remaining refs)."""
     if has_seg:
-        return ins, rest[:2], rest[2:]
-    return ins, (None, None), rest
+        return refs[:2], refs[2:]
+    return (None, None), refs
 
 
 def _when_kind(kind, body, masked_any: bool):
@@ -215,7 +214,7 @@ def _compiler_params(generation: str | None):
 def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *refs, mask, scale,
                 has_seg, groups, n_rows, n_cols, bk, head_dim):
     del idx_ref  # read by the index maps
-    _, (qs_ref, ks_ref), (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split_refs(refs, 0, has_seg)
+    (qs_ref, ks_ref), (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split_refs(refs, has_seg)
     b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     kind = kind_ref[(b * n_rows + i) * n_cols + t]
 
@@ -317,7 +316,7 @@ def _probs(q, k, lse, scale, keep, bk):
 def _dkdv_kernel(idx_ref, kind_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qp_ref,
                  kp_ref, *refs, mask, scale, has_seg, groups, n_rows, n_cols, bq):
     del idx_ref
-    _, (qs_ref, ks_ref), (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(refs, 0, has_seg)
+    (qs_ref, ks_ref), (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(refs, has_seg)
     b, jk, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     kind = kind_ref[(b * n_rows + jk) * n_cols + t]
 
@@ -355,7 +354,7 @@ def _dkdv_kernel(idx_ref, kind_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
 def _dq_kernel(idx_ref, kind_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qp_ref,
                kp_ref, *refs, mask, scale, has_seg, groups, n_rows, n_cols, bk):
     del idx_ref
-    _, (qs_ref, ks_ref), (dq_ref, dq_acc) = _split_refs(refs, 0, has_seg)
+    (qs_ref, ks_ref), (dq_ref, dq_acc) = _split_refs(refs, has_seg)
     b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     kind = kind_ref[(b * n_rows + i) * n_cols + t]
 
