@@ -35,9 +35,10 @@ def resolve_kernel(kernel: str | None, interpret: bool, backend: str | None = No
     if not isinstance(interpret, bool):
         raise ValueError(f"attention: interpret={interpret!r} is not allowed; expected a bool")
     if backend not in _BACKEND_KERNEL and not interpret:
-        raise ValueError(f"attention: impl='pallas' on the {backend!r} backend needs "
-                         f"interpret=True; Pallas kernels run natively only on TPU or GPU "
-                         f"(on a CPU they run only in interpret mode)")
+        raise ValueError(f"attention: interpret=False is not allowed for Pallas kernels "
+                         f"(impl='pallas' or ring_inner='pallas') on the {backend!r} backend; "
+                         f"they run natively only on TPU or GPU, elsewhere only with "
+                         f"interpret=True")
     return kernel or _BACKEND_KERNEL.get(backend, "tpu")
 
 
