@@ -74,6 +74,30 @@ class PallasSeam:
         """`blockwise.bwd_hm` computed by the kernel: float32 (dq, dk, dv)."""
         return self._module().bwd_hm(*args, interpret=self.interpret, **kwargs)
 
+    def block_fwd(self, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, causal=False,
+                  sliding_window=None, scale=None, block_q=None, block_k=None):
+        """`blockwise.block_fwd` (layout `[b, s, h, d]`): (o f32, lse f32 `[b, sq, h]`)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        o_h, lse_h, _ = self.fwd_hm(
+            bw.q_to_head_major(q, k.shape[2]), bw.kv_to_head_major(k), bw.kv_to_head_major(v),
+            q_pos, k_pos, q_seg, k_seg, mask=MaskSpec(causal, sliding_window), scale=scale,
+            block_q=block_q, block_k=block_k)
+        return bw.q_from_head_major(o_h), bw.lse_from_head_major(lse_h)
+
+    def block_bwd(self, q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, causal=False,
+                  sliding_window=None, scale=None, block_q=None, block_k=None):
+        """`blockwise.block_bwd`: this key block's float32 (dq, dk, dv) given the rows'
+        (possibly global) output `o` and `lse`."""
+        kv_heads = k.shape[2]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        o_h, do_h = bw.q_to_head_major(o, kv_heads), bw.q_to_head_major(do, kv_heads)
+        dq, dk, dv = self.bwd_hm(
+            bw.q_to_head_major(q, kv_heads), bw.kv_to_head_major(k), bw.kv_to_head_major(v),
+            q_pos, k_pos, q_seg, k_seg, do_h.astype(q.dtype), bw.lse_to_head_major(lse, kv_heads),
+            bw.delta_hm(o_h, do_h), mask=MaskSpec(causal, sliding_window), scale=scale,
+            block_q=block_q, block_k=block_k)
+        return bw.q_from_head_major(dq), bw.kv_from_head_major(dk), bw.kv_from_head_major(dv)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _pallas_hm(qh, kh, vh, pos, seg, seam, mask, scale, block_q, block_k):
