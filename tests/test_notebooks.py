@@ -76,3 +76,17 @@ def test_quickstart_colab_tpu_runs_on_cpu(tmp_path, monkeypatch):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["attention_impl"] == "ring" and config["mesh"]["sequence"] == 8
     assert images_of(nb) >= 1
+
+
+def test_long_context_eval_runs_on_cpu(tmp_path, monkeypatch):
+    """No run in runs/quickstart_colab: the notebook trains `tiny` into it, then evaluates."""
+    nb = execute("long_context_eval.ipynb", tmp_path, monkeypatch)
+    text = text_of(nb)
+    assert "training configs/tiny.py into it first" in text
+    eval_dir = tmp_path / "runs" / "quickstart_colab" / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert set(results["ppl"]) == {"128", "512", "1024"}
+    assert results["needle"]["cells"], results["needle"]
+    assert (eval_dir / "needle_heatmap.png").stat().st_size > 0
+    assert (eval_dir / "ppl_vs_length.png").stat().st_size > 0
+    assert "needle accuracy by length" in text and images_of(nb) >= 1
