@@ -11,6 +11,7 @@ mode as a smoke test of the command (its timings mean nothing).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from lctx.bench import common
 # Dense bf16 FLOP/s per device (a megacore v4/v5p device is both TensorCores).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 _TPU_CORES = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
+_MAX_INTERPRET_SEQ = 1024
 
 
 def device_peak(device) -> tuple[str, float | None]:
@@ -51,6 +53,11 @@ def run(settings) -> int:
     interpret = device.platform not in ("tpu", "gpu")
     label, peak = device_peak(device)
     if interpret:
+        if max(settings.lengths) > _MAX_INTERPRET_SEQ:
+            print(f"--lengths={','.join(map(str, settings.lengths))}: without a TPU or GPU the "
+                  f"Pallas kernel runs in interpret mode, a smoke test limited to lengths <= "
+                  f"{_MAX_INTERPRET_SEQ}", file=sys.stderr)
+            return 2
         print("no TPU or GPU: running the Pallas kernel in interpret mode (smoke test only; "
               "timings are not meaningful)")
     rows: list[dict[str, Any]] = []
