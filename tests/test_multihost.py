@@ -268,20 +268,36 @@ def test_heartbeat_timeout_setting():
     ((2, 2, 2, 1), [(0, 2), (1, 2)]),  # data x fsdp blocks
 ])
 def test_process_data_shard_follows_the_data_parallel_coordinate(mesh, expected):
-    """As if devices 0-3 were one process and 4-7 another, on a batch of 8 rows."""
+    """As if the mesh's devices 0-3 were one process and 4-7 another, on a batch of 8 rows."""
     m = parallel.make_mesh(*mesh)
     sharding = NamedSharding(m, P(("data", "fsdp"), None))
-    halves = [list(m.devices.flat)[:4], list(m.devices.flat)[4:]]
-    got = [distributed.process_data_shard(sharding, (8, 16), devices=h) for h in halves]
+    first = set(list(m.devices.flat)[:4])
+    of = lambda d: 0 if d in first else 1
+    got = [distributed.process_data_shard(sharding, (8, 16), process_index=p, process_of=of)
+           for p in (0, 1)]
     assert got == expected
 
 
-def test_process_data_shard_rejects_scattered_rows():
+def test_process_data_shard_with_interleaved_hosts():
+    """Hosts interleaved along the data axis (rows 0, 2, 4, 6 on one): still two shards."""
     m = parallel.make_mesh(data=8)
     sharding = NamedSharding(m, P(("data", "fsdp"), None))
-    devices = list(m.devices.flat)
-    with pytest.raises(ValueError, match=r"hold rows \[\(0, 1\), \(2, 3\)\] of 8, not one aligned block"):
-        distributed.process_data_shard(sharding, (8, 16), devices=[devices[0], devices[2]])
+    position = {d: i for i, d in enumerate(m.devices.flat)}
+    of = lambda d: position[d] % 2
+    got = [distributed.process_data_shard(sharding, (8, 16), process_index=p, process_of=of)
+           for p in (0, 1)]
+    assert got == [(0, 2), (1, 2)]
+
+
+def test_process_data_shard_rejects_overlapping_hosts():
+    """data=4 x sequence=2 where one host holds rows 0-2 and the other rows 1-3."""
+    m = parallel.make_mesh(data=4, sequence=2)
+    sharding = NamedSharding(m, P(("data", "fsdp"), None))
+    grid = m.devices.reshape(4, 2)  # [data, sequence] (fsdp and tensor are 1)
+    first = {grid[0, 0], grid[0, 1], grid[1, 0], grid[2, 0]}
+    with pytest.raises(ValueError, match=r"must hold either the same rows or disjoint rows"):
+        distributed.process_data_shard(sharding, (4, 16), process_index=0,
+                                       process_of=lambda d: 0 if d in first else 1)
 
 
 def test_one_process_data_is_the_whole_batch():

@@ -23,7 +23,7 @@ import glob
 import importlib.util
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -139,30 +139,36 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
-def process_data_shard(sharding: Sharding, global_shape: tuple[int, ...],
-                       devices: Sequence[jax.Device] | None = None) -> tuple[int, int]:
-    """(shard_index, shard_count) of the rows of a `global_shape` array this process holds.
+def process_data_shard(sharding: Sharding, global_shape: tuple[int, ...], *,
+                       process_index: int | None = None,
+                       process_of: Callable[[jax.Device], int] | None = None) -> tuple[int, int]:
+    """(shard_index, shard_count) of the rows of a `global_shape` array a process holds.
 
-    The rows that this process's devices (`devices`, default the addressable ones)
-    hold under `sharding` (batch on axis 0) must form one contiguous block; the
-    batch is then `shard_count` such blocks and this process holds block
-    `shard_index`. Processes whose devices hold the same rows (replicas, e.g. shards
-    of one sequence) get the same index.
+    A process holds the rows of its devices under `sharding` (batch on axis 0), in
+    one block or several (a TPU mesh may interleave hosts along the data axes).
+    Processes holding the same rows (replicas, e.g. parts of one sequence) form one
+    data shard and read the same examples; the shards, ordered by their first row,
+    must split the batch into disjoint equal parts. `process_of` (default
+    `device.process_index`) and `process_index` (default this process) let a test
+    pretend one host is several.
     """
+    process_of = process_of or (lambda device: device.process_index)
+    process_index = jax.process_index() if process_index is None else process_index
     global_batch = global_shape[0]
-    mine = set(jax.local_devices() if devices is None else devices)
-    rows = {index[0].indices(global_batch)[:2]
-            for device, index in sharding.devices_indices_map(tuple(global_shape)).items()
-            if device in mine}
-    blocks = sorted(rows)
-    first, last = blocks[0][0], blocks[-1][1]
-    contiguous = all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
-    size = last - first
-    if not contiguous or global_batch % size or first % size:
-        raise ValueError(f"batch sharding {sharding}: this process's devices hold rows "
-                         f"{blocks} of {global_batch}, not one aligned block; order the mesh so "
-                         "each process's devices hold consecutive data-parallel coordinates")
-    return first // size, global_batch // size
+    rows: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(tuple(global_shape)).items():
+        rows.setdefault(process_of(device), set()).add(index[0].indices(global_batch)[:2])
+    shards = sorted({frozenset(r) for r in rows.values()}, key=min)
+    covered = sorted(block for shard in shards for block in shard)
+    sizes = {sum(stop - start for start, stop in shard) for shard in shards}
+    tiled = all(a[1] == b[0] for a, b in zip(covered, covered[1:])) and \
+        covered[0][0] == 0 and covered[-1][1] == global_batch
+    if len(sizes) != 1 or not tiled:
+        held = {p: sorted(r) for p, r in sorted(rows.items())}
+        raise ValueError(f"batch sharding {sharding}: the processes hold rows {held} of "
+                         f"{global_batch}; processes must hold either the same rows or disjoint "
+                         "rows of equal count (choose mesh sizes that split the hosts evenly)")
+    return shards.index(frozenset(rows[process_index])), len(shards)
 
 
 def process_batch(sharding: Sharding, local: Mapping[str, np.ndarray], global_batch: int
