@@ -55,11 +55,10 @@ def explicit_setup(coordinator: str | None = None, num_processes: int | None = N
     Raises ValueError naming the missing or bad values: either none of the three or
     all of them must be given (num_processes=1 alone is one process).
     """
-    given = {
-        "coordinator": coordinator if coordinator else environ.get(ENV_COORDINATOR) or None,
-        "num_processes": num_processes if num_processes is not None else environ.get(ENV_NUM_PROCESSES) or None,
-        "process_id": process_id if process_id is not None else environ.get(ENV_PROCESS_ID) or None,
-    }
+    pick = lambda arg, key: arg if arg not in (None, "") else environ.get(key) or None
+    given = {"coordinator": pick(coordinator, ENV_COORDINATOR),
+             "num_processes": pick(num_processes, ENV_NUM_PROCESSES),
+             "process_id": pick(process_id, ENV_PROCESS_ID)}
     names = {"coordinator": f"lctx_coordinator / {ENV_COORDINATOR}",
              "num_processes": f"lctx_num_processes / {ENV_NUM_PROCESSES}",
              "process_id": f"lctx_process_id / {ENV_PROCESS_ID}"}
@@ -79,7 +78,8 @@ def explicit_setup(coordinator: str | None = None, num_processes: int | None = N
     coord = given["coordinator"]
     if coord is not None and (":" not in coord or not coord.rsplit(":", 1)[1].isdigit()):
         problems.append(f"{names['coordinator']}={coord!r}: expected host:port, e.g. 10.0.0.2:8476")
-    if given["process_id"] is not None and (index is None or count is not None and not 0 <= index < count):
+    bad_index = index is None or (count is not None and not 0 <= index < count)
+    if given["process_id"] is not None and bad_index:
         problems.append(f"{names['process_id']}={given['process_id']!r}: expected an int in "
                         f"[0, {count if count else 'num_processes'})")
     if problems:
