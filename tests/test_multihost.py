@@ -323,3 +323,13 @@ def test_resume_with_another_data_shard_count_is_refused(tmp_path):
     with pytest.raises(loop.TrainingError, match=r"for 2 data shard\(s\).*this run has 1 \(1 processes"):
         loop._train_batches(config, corpus, ld.make_tokenizer("byte"), stage, [{}, {}])
     assert jax.process_count() == 1
+
+
+def test_incomplete_launch_settings_exit_2_naming_them():
+    env = child_env("", 8)
+    env["LCTX_NUM_PROCESSES"] = "2"
+    result = subprocess.run(train_cmd(Path("unused")), env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "lctx_coordinator / LCTX_COORDINATOR is missing" in result.stderr
+    assert "Traceback" not in result.stderr
