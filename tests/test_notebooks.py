@@ -36,21 +36,39 @@ socket.socket.connect = _local_only
 '''
 
 
-def execute(name: str, tmp_path: Path, monkeypatch) -> dict:
-    """Runs experiments/NAME in `tmp_path` (its working directory); returns the executed notebook."""
+def run_notebook(nb, tmp_path: Path, monkeypatch):
+    """Executes `nb` in `tmp_path` (its working directory) with the network guard."""
     guard = tmp_path / "guard"
-    guard.mkdir()
+    guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(NO_NETWORK)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(guard), str(ROOT)]))
     monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(EXPERIMENTS / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
+    return nb
+
+
+def execute(name: str, tmp_path: Path, monkeypatch):
+    """Runs experiments/NAME; returns the executed notebook."""
+    nb = run_notebook(nbformat.read(EXPERIMENTS / name, as_version=4), tmp_path, monkeypatch)
     assert not (tmp_path / "lctx").exists(), "the install cell ran although lctx is importable"
     return nb
+
+
+def test_the_network_guard_is_active(tmp_path, monkeypatch):
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell(
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('192.0.2.1', 80), timeout=1)\n"  # TEST-NET-1
+        "except OSError as err:\n"
+        "    print(err)")])
+    out = run_notebook(nb, tmp_path, monkeypatch).cells[0].outputs[0]["text"]
+    assert "network access attempted from a notebook test" in out
 
 
 def text_of(nb) -> str:
