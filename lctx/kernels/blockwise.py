@@ -168,6 +168,47 @@ def _ids_tiles(ids, block, groups: int = 1):
     return t, block_ranges(ids, block)
 
 
+# ----------------------------------------------------------------------------- tile lists
+
+
+def _visible_tiles(q_ranges, k_ranges, mask: MaskSpec, nq: int, nk: int):
+    """The tiles to compute, as a flat list in query-major order.
+
+    Returns (tile `[nq * nk]` int32: flat index i * nk + j of each tile the mask does
+    not hide completely, first `count` entries valid; kind `[nq * nk]` int32 per
+    flat index; count int32). Without any mask every tile is _FULL.
+    """
+    if not q_ranges:
+        return (jnp.arange(nq * nk, dtype=jnp.int32), jnp.full((nq * nk,), _FULL, jnp.int32),
+                jnp.int32(nq * nk))
+    kind_of = jax.vmap(jax.vmap(lambda qr, kr: _tile_kind(qr, kr, mask), (None, 0)), (0, None))
+    kind = kind_of(q_ranges, k_ranges).reshape(nq * nk)
+    visible = kind != _SKIP
+    (tile,) = jnp.nonzero(visible, size=nq * nk, fill_value=0)
+    return tile.astype(jnp.int32), kind, visible.sum(dtype=jnp.int32)
+
+
+def _at(x, i):
+    """Tile `i` of tiles stacked on axis 0 (None stays None)."""
+    return None if x is None else lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _add_at(x, i, tile):
+    """`x` with `tile` added to its tile `i` (in place inside the loop)."""
+    return lax.dynamic_update_index_in_dim(x, _at(x, i) + tile, i, 0)
+
+
+def _set_at(x, i, tile):
+    return lax.dynamic_update_index_in_dim(x, tile, i, 0)
+
+
+def _by_kind(kind, masked_any: bool, compute):
+    """`compute(masked)` for a visible tile: the mask arithmetic only where needed."""
+    if not masked_any:
+        return compute(False)
+    return lax.cond(kind == _MASKED, lambda: compute(True), lambda: compute(False))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -182,12 +223,15 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
       o float32 `[b, hkv, g, sq, d]` (normalised by this block's own softmax),
       lse float32 `[b, hkv, g, sq]` (-inf where no key is visible, o 0 there),
       and the int32 number of tiles actually computed.
+
+    One loop runs over the visible tiles only (a flat list from the position and
+    segment ranges), updating its query tile's online-softmax state in place.
     """
     b, hkv, g, sq, d = qh.shape
     sk = kh.shape[2]
     bq = effective_block(block_q, sq, DEFAULT_BLOCK_Q)
     bk = effective_block(block_k, sk, DEFAULT_BLOCK_K)
-    rows = g * bq
+    nq, nk, rows = sq // bq, sk // bk, g * bq
     masked_any = mask.any_position_mask() or q_seg is not None
     qh = qh * jnp.asarray(scale, qh.dtype)
 
@@ -196,51 +240,43 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
     kp_t, kp_r = _ids_tiles(k_pos, bk)
     qs_t, qs_r = _ids_tiles(q_seg, bq, g)
     ks_t, ks_r = _ids_tiles(k_seg, bk)
+    tiles, kinds, count = _visible_tiles(
+        _zip_ranges(qp_r, qs_r) if masked_any else (),
+        _zip_ranges(kp_r, ks_r) if masked_any else (), mask, nq, nk)
 
-    def q_step(count, q_in):
-        q_tile, qp, qs, q_ranges = q_in
-        m0 = jnp.full((b, hkv, rows), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((b, hkv, rows), jnp.float32)
-        acc0 = jnp.zeros((b, hkv, rows, d), jnp.float32)
+    def body(t, state):
+        m_all, l_all, acc_all, n = state
+        i, j = tiles[t] // nk, tiles[t] % nk
+        q_tile, kt_tile, v_tile = _at(q_tiles, i), _at(kt_tiles, j), _at(v_tiles, j)
+        m, l, acc = _at(m_all, i), _at(l_all, i), _at(acc_all, i)
 
-        def update(carry, kt_tile, v_tile, kp, ks, masked):
-            m, l, acc, n = carry
-            s = _tile_logits(q_tile, kt_tile, qp, kp, qs, ks, mask, masked)
+        def update(masked):
+            s = _tile_logits(q_tile, kt_tile, _at(qp_t, i), _at(kp_t, j), _at(qs_t, i),
+                             _at(ks_t, j), mask, masked)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            l = l * alpha + p.sum(axis=-1)
             pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v_tile.dtype), v_tile,
                             preferred_element_type=jnp.float32)
-            return m_new, l, acc * alpha[..., None] + pv, n + 1
+            return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
 
-        def k_step(carry, k_in):
-            kt_tile, v_tile, kp, ks, k_ranges = k_in
-            if not masked_any:
-                return update(carry, kt_tile, v_tile, kp, ks, False), None
-            kind = _tile_kind(q_ranges, k_ranges, mask)
-            branches = (
-                lambda c: c,
-                lambda c: update(c, kt_tile, v_tile, kp, ks, False),
-                lambda c: update(c, kt_tile, v_tile, kp, ks, True),
-            )
-            return lax.switch(kind, branches, carry), None
+        m, l, acc = _by_kind(kinds[tiles[t]], masked_any, update)
+        return _set_at(m_all, i, m), _set_at(l_all, i, l), _set_at(acc_all, i, acc), n + 1
 
-        (m, l, acc, count), _ = lax.scan(
-            k_step, (m0, l0, acc0, count), (kt_tiles, v_tiles, kp_t, ks_t, kp_r + ks_r))
-        seen = l > 0.0
-        o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-        return count, (o, lse)
-
-    count, (o_tiles, lse_tiles) = lax.scan(
-        q_step, jnp.int32(0), (q_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
-    return _q_untile(o_tiles, g), _q_untile(lse_tiles, g), count
+    state = (jnp.full((nq, b, hkv, rows), -jnp.inf, jnp.float32),
+             jnp.zeros((nq, b, hkv, rows), jnp.float32),
+             jnp.zeros((nq, b, hkv, rows, d), jnp.float32), jnp.int32(0))
+    # `computed` is counted by the loop body itself: the tiles that actually ran.
+    m, l, acc, computed = lax.fori_loop(0, count, body, state)
+    seen = l > 0.0
+    o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    return _q_untile(o, g), _q_untile(lse, g), computed
 
 
 def _zip_ranges(pos_r, seg_r):
-    """(min, max) position ranges followed by segment ranges, as one scanned tuple."""
+    """(min, max) position ranges followed by segment ranges, as one tuple."""
     return tuple(pos_r) + tuple(seg_r)
 
 
@@ -255,69 +291,61 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
     `[b, hkv, g, sq]`; `delta_h` = rowsum(dO * O) of the *full* output (minus any
     cotangent of lse), `[b, hkv, g, sq]`; `do_h` `[b, hkv, g, sq, d]`.
     Returns float32 (dq `[b, hkv, g, sq, d]`, dk, dv `[b, hkv, sk, d]`): this key
-    block's contribution.
+    block's contribution. Like the forward, one loop over the visible tiles only;
+    dQ, dK and dV (float32, O(seq)) are accumulated in place tile by tile.
     """
     b, hkv, g, sq, d = qh.shape
     sk = kh.shape[2]
     bq = effective_block(block_q, sq, DEFAULT_BLOCK_Q)
     bk = effective_block(block_k, sk, DEFAULT_BLOCK_K)
+    nq, nk = sq // bq, sk // bk
     masked_any = mask.any_position_mask() or q_seg is not None
     qh = qh * jnp.asarray(scale, qh.dtype)
     # Rows that saw no key have lse = -inf; +inf makes their p exactly 0.
     lse_h = jnp.where(jnp.isneginf(lse_h), jnp.inf, lse_h)
 
+    # Every product keeps the [rows, bk] operand where XLA:CPU's matmul takes it as
+    # is (left with bk contracted last, or right with rows contracted first), so only
+    # [*, d] operands are transposed (once, here), and dK, dV are built transposed.
     q_tiles, do_tiles = _q_tiles(qh, bq), _q_tiles(do_h, bq)
+    qt_tiles, dot_tiles = _t(q_tiles), _t(do_tiles)
     lse_tiles, delta_tiles = _q_tiles(lse_h, bq), _q_tiles(delta_h, bq)
     k_tiles, kt_tiles, vt_tiles = _split(kh, 2, bk), _split(_t(kh), 3, bk), _split(_t(vh), 3, bk)
     qp_t, qp_r = _ids_tiles(q_pos, bq, g)
     kp_t, kp_r = _ids_tiles(k_pos, bk)
     qs_t, qs_r = _ids_tiles(q_seg, bq, g)
     ks_t, ks_r = _ids_tiles(k_seg, bk)
-    zero_kv = jnp.zeros((b, hkv, d, bk), jnp.float32)
+    tiles, kinds, count = _visible_tiles(
+        _zip_ranges(qp_r, qs_r) if masked_any else (),
+        _zip_ranges(kp_r, ks_r) if masked_any else (), mask, nq, nk)
 
-    def q_step(dkv, q_in):
-        q_tile, do_tile, lse_t, delta_t, qp, qs, q_ranges = q_in
-        qt_tile, dot_tile = _t(q_tile), _t(do_tile)
+    def body(t, grads):
+        dq_all, dkt_all, dvt_all = grads
+        i, j = tiles[t] // nk, tiles[t] % nk
+        q_tile, do_tile, lse_t, delta_t = (_at(x, i) for x in (q_tiles, do_tiles, lse_tiles,
+                                                                delta_tiles))
+        k_tile, kt_tile, vt_tile = _at(k_tiles, j), _at(kt_tiles, j), _at(vt_tiles, j)
 
-        # Every product keeps the [rows, bk] operand where XLA:CPU's matmul takes it
-        # as is (left with bk contracted last, or right with rows contracted first);
-        # only the small [*, d] operands are transposed (q and dO once per query
-        # tile), and dK, dV are built transposed, `[b, hkv, d, bk]`, for that reason.
-        def grads(dq, k_tile, kt_tile, vt_tile, kp, ks, masked):
-            s = _tile_logits(q_tile, kt_tile, qp, kp, qs, ks, mask, masked)
+        def tile_grads(masked):
+            s = _tile_logits(q_tile, kt_tile, _at(qp_t, i), _at(kp_t, j), _at(qs_t, i),
+                             _at(ks_t, j), mask, masked)
             p = jnp.exp(s - lse_t[..., None])
-            dvt = jnp.einsum("bhdr,bhrk->bhdk", dot_tile, p.astype(do_tile.dtype),
+            dvt = jnp.einsum("bhdr,bhrk->bhdk", _at(dot_tiles, i), p.astype(do_tile.dtype),
                              preferred_element_type=jnp.float32)
             dp = jnp.einsum("bhrd,bhdk->bhrk", do_tile, vt_tile,
                             preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_t[..., None])).astype(q_tile.dtype)
-            dq = dq + jnp.einsum("bhrk,bhkd->bhrd", ds, k_tile,
-                                 preferred_element_type=jnp.float32)
-            dkt = jnp.einsum("bhdr,bhrk->bhdk", qt_tile, ds, preferred_element_type=jnp.float32)
-            return dq, (dkt, dvt)
+            dq = jnp.einsum("bhrk,bhkd->bhrd", ds, k_tile, preferred_element_type=jnp.float32)
+            dkt = jnp.einsum("bhdr,bhrk->bhdk", _at(qt_tiles, i), ds,
+                             preferred_element_type=jnp.float32)
+            return dq, dkt, dvt
 
-        def k_step(dq, k_in):
-            k_tile, kt_tile, vt_tile, kp, ks, k_ranges = k_in
-            if not masked_any:
-                return grads(dq, k_tile, kt_tile, vt_tile, kp, ks, False)
-            kind = _tile_kind(q_ranges, k_ranges, mask)
-            branches = (
-                lambda c: (c, (zero_kv, zero_kv)),
-                lambda c: grads(c, k_tile, kt_tile, vt_tile, kp, ks, False),
-                lambda c: grads(c, k_tile, kt_tile, vt_tile, kp, ks, True),
-            )
-            return lax.switch(kind, branches, dq)
+        dq, dkt, dvt = _by_kind(kinds[tiles[t]], masked_any, tile_grads)
+        return _add_at(dq_all, i, dq), _add_at(dkt_all, j, dkt), _add_at(dvt_all, j, dvt)
 
-        dq0 = jnp.zeros((b, hkv, g * bq, d), jnp.float32)
-        dq, (dk_parts, dv_parts) = lax.scan(
-            k_step, dq0, (k_tiles, kt_tiles, vt_tiles, kp_t, ks_t, kp_r + ks_r))
-        # dK/dV accumulate in the carry: stacking per-query-tile parts would be O(seq^2).
-        return (dkv[0] + dk_parts, dkv[1] + dv_parts), dq
-
-    dkv0 = (jnp.zeros(kt_tiles.shape, jnp.float32), jnp.zeros(vt_tiles.shape, jnp.float32))
-    (dk_tiles, dv_tiles), dq_tiles = lax.scan(
-        q_step, dkv0,
-        (q_tiles, do_tiles, lse_tiles, delta_tiles, qp_t, qs_t, _zip_ranges(qp_r, qs_r)))
+    grads = (jnp.zeros(q_tiles.shape, jnp.float32), jnp.zeros(kt_tiles.shape, jnp.float32),
+             jnp.zeros(vt_tiles.shape, jnp.float32))
+    dq_tiles, dk_tiles, dv_tiles = lax.fori_loop(0, count, body, grads)
     # dq was taken against the scaled q: d(loss)/d(q) = scale * d(loss)/d(q * scale).
     dq = _q_untile(dq_tiles, g) * scale
     dk = _t(_merge(dk_tiles, 3))
