@@ -39,7 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lctx.bench import common
 from lctx.kernels import (attention, balanced_permutation, reference_attention,
                           ring_tiles_computed)
-from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, effective_block
+from lctx.kernels.ring import DEFAULT_RING_BLOCK
 
 NUM_DEVICES = 8
 SEQ_AXIS = "sequence"
@@ -109,8 +110,10 @@ class Case:
             return f"chunk {self.chunk}"
         if self.impl == "reference":
             return "-"
-        bq = min(self.block_q or DEFAULT_BLOCK_Q, self.local_seq)
-        bk = min(self.block_k or DEFAULT_BLOCK_K, self.local_seq)
+        default_q, default_k = ((DEFAULT_RING_BLOCK,) * 2 if self.impl == "ring"
+                                else (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K))
+        bq = effective_block(self.block_q, self.local_seq, default_q)
+        bk = effective_block(self.block_k, self.local_seq, default_k)
         return f"{bq}x{bk}" + (f" {self.placement}" if self.placement else "")
 
 

@@ -85,8 +85,14 @@ def lse_to_head_major(lse: jax.Array, kv_heads: int) -> jax.Array:
 
 
 def effective_block(block: int | None, seq: int, default: int) -> int:
-    """The tile size used for a sequence: the requested one, capped at the sequence."""
-    return min(default if block is None else block, seq)
+    """The tile size used for a sequence: the requested one capped at the sequence, or
+    by default the largest divisor of the sequence not above `default`."""
+    if block is not None:
+        return min(block, seq)
+    block = min(default, seq)
+    while seq % block:
+        block -= 1
+    return block
 
 
 # ----------------------------------------------------------------------------- tiles

@@ -23,6 +23,20 @@ from lctx.kernels import blockwise as bw
 from lctx.kernels.blockwise import MaskSpec
 
 
+# Default tiles of the XLA seam in a ring. All P devices' tiles run at once on the
+# host's shared cores and caches on CPU, so smaller tiles than a single device's
+# (blockwise.DEFAULT_BLOCK_Q) keep each working set in cache; measured with
+# `python -m lctx.bench.attention --impls ring,baseline --block_q 256,512 --block_k 256,512`.
+DEFAULT_RING_BLOCK = 256
+
+
+def _ring_blocks(block_q, block_k, local_seq: int, seam):
+    """The tile sizes passed to `seam`: the ring default for the XLA seam when unset."""
+    if seam is not bw:
+        return block_q, block_k
+    return tuple(bw.effective_block(b, local_seq, DEFAULT_RING_BLOCK) for b in (block_q, block_k))
+
+
 def _shift(tree, axis_name: str):
     """Sends every leaf one hop around the ring: device i -> i + 1."""
     size = lax.axis_size(axis_name)
@@ -177,6 +191,7 @@ def ring_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None, p
     `lctx.kernels.blockwise` (default) or `lctx.kernels.pallas.PallasSeam`.
     """
     qh, kh, vh, positions, scale = _local_inputs(q, k, v, positions, scale, axis_name)
+    block_q, block_k = _ring_blocks(block_q, block_k, q.shape[1], seam)
     o_h, lse_h = _ring_hm(qh, kh, vh, positions, segment_ids, axis_name,
                           MaskSpec(causal, sliding_window), scale, block_q, block_k, seam)
     out = bw.q_from_head_major(o_h)
@@ -191,6 +206,7 @@ def ring_tiles_computed(q, k, v, *, axis_name: str, causal=False, segment_ids=No
     balance for tests and benchmarks; call inside `shard_map` like `ring_attention`.
     """
     qh, kh, vh, positions, scale = _local_inputs(q, k, v, positions, scale, axis_name)
+    block_q, block_k = _ring_blocks(block_q, block_k, q.shape[1], bw)
     _, _, count = _ring_forward(qh, kh, vh, positions, segment_ids,
                                 axis_name=axis_name, mask=MaskSpec(causal, sliding_window),
                                 scale=scale, block_q=block_q, block_k=block_k)
