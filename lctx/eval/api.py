@@ -201,7 +201,7 @@ def write_outputs(results: Mapping[str, Any], out_dir: str, label: str = "model"
         written.append(plots.plot_accuracy({label: curve}, os.path.join(out_dir, "passkey.png"),
                                            training_lengths=training))
     if "needle" in results and results["needle"]["cells"]:
-        grid: dict[int, dict[float, float]] = {}
+        grid: dict[int, dict[float, float]] = {int(n): {} for n in results["needle"]["skipped"]}
         for c in results["needle"]["cells"]:
             grid.setdefault(c["length"], {})[c["depth"]] = c["accuracy"]
         written.append(plots.plot_heatmap(grid, os.path.join(out_dir, "needle_heatmap.png")))

@@ -65,7 +65,8 @@ def plot_accuracy(curves: Mapping[str, Mapping[int, float]], path: str, *,
 
 def plot_heatmap(grid: Mapping[int, Mapping[float, float]], path: str, *,
                  title: str = "needle in a haystack") -> str:
-    """grid {length: {depth: accuracy}}: length on x, depth (%) on y, red (0) to green (1)."""
+    """grid {length: {depth: accuracy}}: length on x, depth (%) on y, red (0) to green (1);
+    cells without a value (lengths skipped) are grey."""
     import numpy as np
 
     plt = _pyplot()
@@ -77,8 +78,11 @@ def plot_heatmap(grid: Mapping[int, Mapping[float, float]], path: str, *,
             if d in grid[n]:
                 values[i, j] = grid[n][d]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
-    image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto",
-                      interpolation="nearest")
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0,
+                      aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
