@@ -52,7 +52,8 @@ def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, bloc
 
     def compute(state, kv):
         o, lse, count = state
-        k_cur, v_cur, pos_cur, seg_cur = kv
+        kv_cur, pos_cur, seg_cur = kv
+        k_cur, v_cur = kv_cur
         o_t, lse_t, n = seam.fwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, mask=mask,
                                   scale=scale, block_q=block_q, block_k=block_k)
         o, lse = bw.merge_partials(o, lse, o_t, lse_t)
@@ -65,7 +66,9 @@ def _ring_forward(qh, kh, vh, pos, seg, *, axis_name, mask, scale, block_q, bloc
 
     state = (jnp.zeros((b, hkv, g, s, d), jnp.float32),
              jnp.full((b, hkv, g, s), -jnp.inf, jnp.float32), jnp.int32(0))
-    (state, kv), _ = lax.scan(step, (state, (kh, vh, pos, seg)), None, length=steps - 1)
+    # K and V travel stacked: one transfer (and one device rendezvous) per step for both.
+    kv = (jnp.stack([kh, vh]), pos, seg)
+    (state, kv), _ = lax.scan(step, (state, kv), None, length=steps - 1)
     return compute(state, kv)
 
 
@@ -75,11 +78,11 @@ def _ring_backward(qh, kh, vh, pos, seg, do_h, lse, delta, *, axis_name, mask, s
     steps = lax.axis_size(axis_name)
 
     def compute(dq, kv, dkv):
-        k_cur, v_cur, pos_cur, seg_cur = kv
-        dq_t, dk_t, dv_t = seam.bwd_hm(qh, k_cur, v_cur, pos, pos_cur, seg, seg_cur, do_h, lse,
-                                     delta, mask=mask, scale=scale, block_q=block_q,
-                                     block_k=block_k)
-        return dq + dq_t, (dkv[0] + dk_t, dkv[1] + dv_t)
+        kv_cur, pos_cur, seg_cur = kv
+        dq_t, dk_t, dv_t = seam.bwd_hm(qh, kv_cur[0], kv_cur[1], pos, pos_cur, seg, seg_cur,
+                                     do_h, lse, delta, mask=mask, scale=scale,
+                                     block_q=block_q, block_k=block_k)
+        return dq + dq_t, dkv + jnp.stack([dk_t, dv_t])
 
     def step(carry, _):
         dq, kv, dkv = carry
@@ -87,8 +90,9 @@ def _ring_backward(qh, kh, vh, pos, seg, do_h, lse, delta, *, axis_name, mask, s
         dq, dkv = compute(dq, kv, dkv)
         return (dq, kv_next, _shift(dkv, axis_name)), None
 
-    zeros_kv = jnp.zeros(kh.shape, jnp.float32)
-    carry = (jnp.zeros(qh.shape, jnp.float32), (kh, vh, pos, seg), (zeros_kv, zeros_kv))
+    # K, V and their dK, dV accumulators travel stacked, one transfer per step each.
+    carry = (jnp.zeros(qh.shape, jnp.float32), (jnp.stack([kh, vh]), pos, seg),
+             jnp.zeros((2,) + kh.shape, jnp.float32))
     (dq, kv, dkv), _ = lax.scan(step, carry, None, length=steps - 1)
     dq, dkv = compute(dq, kv, dkv)
     dk, dv = _shift(dkv, axis_name)  # the last hop home: the accumulators reach their owner
