@@ -139,7 +139,8 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
                 ppl.update(perplexity_by_length(model_config, params, held_out, tokenizer,
                                                 lengths=(length,), stride=o["stride"],
                                                 max_tokens=o["max_tokens"], text_key=text_key,
-                                                batch_size=o["batch_size"], longest=max(lengths)))
+                                                batch_size=o["batch_size"], longest=max(lengths),
+                                                mesh=mesh))
                 bar.update(1)
                 bar.set_postfix(task="ppl", length=length)
             results["ppl"] = ppl

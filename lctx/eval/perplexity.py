@@ -15,9 +15,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from lctx import model as lm
 from lctx.data.tokenizer import Tokenizer, encode_document
+from lctx.parallel.sharding import LOGICAL_RULES
 
 
 def sliding_windows(num_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
@@ -48,10 +50,10 @@ def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
     return table
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
+@functools.partial(jax.jit, static_argnames=("model_config", "mesh"))
 def _window_nll(model_config: lm.ModelConfig, params: Any, tokens: jax.Array, targets: jax.Array,
-                mask: jax.Array) -> jax.Array:
-    mean, metrics = lm.loss(model_config, params, tokens, targets, loss_mask=mask)
+                mask: jax.Array, mesh: Mesh | None) -> jax.Array:
+    mean, metrics = lm.loss(model_config, params, tokens, targets, loss_mask=mask, mesh=mesh)
     return mean * metrics["tokens"]
 
 
@@ -67,14 +69,18 @@ def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
                          source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                          lengths: Sequence[int], stride: int, max_tokens: int,
                          text_key: str = "text", batch_size: int = 4,
-                         longest: int | None = None) -> dict[str, Any]:
+                         longest: int | None = None, mesh: Mesh | None = None) -> dict[str, Any]:
     """{str(L): {"ppl", "bits_per_byte", "tokens", "documents"}} for each length L.
 
     Only documents longer than the longest length (or `longest`, when lengths are
     evaluated one call at a time) are used, so every length is measured on the same
     text. Attention runs as the model config says (blockwise by
-    default); RoPE variants that depend on the length see L.
+    default); RoPE variants that depend on the length see L. With a `mesh` (needed by
+    ring and Ulysses) the batch is padded up to a multiple of its data-parallel size.
     """
+    if mesh is not None:
+        replicas = math.prod(mesh.shape.get(axis, 1) for axis in dict(LOGICAL_RULES)["batch"])
+        batch_size = -(-batch_size // replicas) * replicas
     longest = max(max(lengths), longest or 0)
     docs = []
     for ids in _documents(source, tokenizer, text_key, longest + 1):
@@ -97,7 +103,7 @@ def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
             while len(rows) < batch_size:  # fixed shapes: one compilation per length
                 rows.append((rows[0][0], rows[0][1], np.zeros(length, np.float32)))
             tok, tgt, msk = (np.stack(col) for col in zip(*rows))
-            nll += float(_window_nll(model_config, params, tok, tgt, msk))
+            nll += float(_window_nll(model_config, params, tok, tgt, msk, mesh))
             rows.clear()
 
         for ids in docs:
