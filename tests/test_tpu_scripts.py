@@ -44,10 +44,11 @@ if args[3] == "scp":
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$HOME/python3_calls"
 if [[ $1 == -m && $2 == lctx.train ]]; then
-  printf '%s\\n' "$@" > "$HOME/train_args"
-  env | grep '^LCTX_' > "$HOME/train_env" || true
   trap 'echo "lctx.train: SIGTERM received; checkpoint saved"; exit 143' TERM
   echo "pretrain: step 1 loss 6.1"
+  # train_args appears last and whole: the test waits for it, then reads the rest.
+  env | grep '^LCTX_' > "$HOME/train_env" || true
+  printf '%s\\n' "$@" > "$HOME/train_args.partial" && mv "$HOME/train_args.partial" "$HOME/train_args"
   while true; do sleep 0.05; done
 fi
 """
