@@ -24,6 +24,7 @@ from lctx.kernels import pallas as kp
 from lctx.kernels import pallas_common as pc
 from lctx.kernels import pallas_tpu
 from lctx.kernels.blockwise import MaskSpec
+from test_kernels import packed_segments  # the XLA kernels' packed documents
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -56,15 +57,6 @@ SLOW_CASES = [
     Case("causal-mqa-packed-balanced-bf16", kv_heads=1, packed=True, balanced=True,
          dtype="bfloat16"),
 ]
-
-
-def packed_segments(batch: int, seq: int, rng) -> np.ndarray:
-    """Several documents per row, cut at random points (one crossing tile borders)."""
-    rows = []
-    for _ in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, seq), size=4, replace=False))
-        rows.append(np.searchsorted(cuts, np.arange(seq), side="right"))
-    return np.asarray(rows, np.int32)
 
 
 def make_inputs(case: Case, seed: int = 0):

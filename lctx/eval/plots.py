@@ -15,52 +15,55 @@ def _pyplot():
     return plt
 
 
-def plot_perplexity(curves: Mapping[str, Mapping[int, float]], path: str, *,
-                    training_lengths: Sequence[int] = (), ylabel: str = "perplexity") -> str:
-    """One line per curve {label: {length: ppl}}, log-2 x axis, training lengths dashed."""
-    plt = _pyplot()
+def _against_length(plt, curves: Mapping[str, Mapping[int, float]],
+                    training_lengths: Sequence[int], *, label_training: bool):
+    """A figure with one line per curve {label: {length: value}} on a log-2 length axis
+    and the training lengths dashed; returns (fig, ax) for the caller to finish."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, by_length in curves.items():
         xs = sorted(by_length)
         ax.plot(xs, [by_length[x] for x in xs], marker="o", label=label)
     for n in sorted(set(training_lengths)):
         ax.axvline(n, color="grey", linestyle="--", linewidth=1)
-        ax.text(n, 1.0, f" train {n}", transform=ax.get_xaxis_transform(), va="top", fontsize=8,
-                color="grey")
+        if label_training:
+            ax.text(n, 1.0, f" train {n}", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
-    if len(curves) > 1 or any(curves):
-        ax.legend(fontsize=8)
+    return fig, ax
+
+
+def _save(plt, fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_perplexity(curves: Mapping[str, Mapping[int, float]], path: str, *,
+                    training_lengths: Sequence[int] = (), ylabel: str = "perplexity") -> str:
+    """One line per curve {label: {length: ppl}}, log-2 x axis, training lengths dashed."""
+    plt = _pyplot()
+    fig, ax = _against_length(plt, curves, training_lengths, label_training=True)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if len(curves) > 1 or any(curves):
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)
 
 
 def plot_accuracy(curves: Mapping[str, Mapping[int, float]], path: str, *,
                   training_lengths: Sequence[int] = (), title: str = "passkey retrieval") -> str:
     """Accuracy (0-1) against length, one line per curve."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by_length in curves.items():
-        xs = sorted(by_length)
-        ax.plot(xs, [by_length[x] for x in xs], marker="o", label=label)
-    for n in sorted(set(training_lengths)):
-        ax.axvline(n, color="grey", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
+    fig, ax = _against_length(plt, curves, training_lengths, label_training=False)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_heatmap(grid: Mapping[int, Mapping[float, float]], path: str, *,
@@ -89,10 +92,7 @@ def plot_heatmap(grid: Mapping[int, Mapping[float, float]], path: str, *,
     ax.set_ylabel("needle depth")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def ensure_dir(path: str) -> str:
