@@ -42,13 +42,13 @@ _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experi
 
 # Sizes. Full: the issue's study on a 2-core CPU. Quick: seconds per part.
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
-            pretrain_steps=400, pretrain_batch=16, pretrain_lr=3e-3,
-            ft_steps=40, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.1,
+            pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
+            ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
-             ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2,
+             ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              depths=(0.5,), trials=1, curve_tokens=128, block=32)
 
@@ -110,6 +110,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
     if _QUICK.value:
         c.data.validation_fraction = 0.25
     c.data.mix.fraction = s["mix"]
+    c.data.mix.passkey_share = s["passkey_share"]
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
     for key, values in stages.items():
@@ -332,6 +333,10 @@ def report(out: str, plots_dir: str = "") -> str:
             for r in rs:
                 lines.append(f"- {name} seed {r['seed']}: " + ", ".join(
                     f"{k}: {v:.2f}" for k, v in sorted(r.get("ft_curve", {}).items(), key=lambda kv: int(kv[0]))))
+    if by_method:
+        lines += ["", "## Against the literature (thresholds in brackets)", "",
+                  "| claim | measured (per seed) | verdict |", "|---|---|---|",
+                  *claims(by_method, min(lengths))]
     os.makedirs(out, exist_ok=True)
     written = []
     if ppl_curves:
@@ -355,6 +360,58 @@ def report(out: str, plots_dir: str = "") -> str:
         for path in written:
             shutil.copy(path, os.path.join(plots_dir, os.path.basename(path)))
     return text
+
+
+def claims(by_method: dict[str, list[dict]], train_len: int) -> list[str]:
+    """Markdown rows: each direction the literature predicts, measured per seed from the
+    method records (paired by seed), with a verdict; claims without their data are left out."""
+    def ppl(name, n):
+        return {r["seed"]: r["ppl"][str(n)]["ppl"] for r in by_method.get(name, [])
+                if str(n) in r["ppl"]}
+
+    def passkey(name, n):
+        return {r["seed"]: r["passkey"][str(n)] for r in by_method.get(name, [])
+                if r.get("passkey", {}).get(str(n)) is not None}
+
+    def row(claim, values, ok, fmt="{:.2f}x"):
+        if not values:
+            return []
+        cells = ", ".join(fmt.format(v) for _, v in sorted(values.items()))
+        verdict = "agrees" if all(ok(v) for v in values.values()) else (
+            "differs" if not any(ok(v) for v in values.values()) else "mixed")
+        return [f"| {claim} | {cells} | {verdict} |"]
+
+    L, base = train_len, ppl("none", train_len)
+    ratio = lambda a, b: {s: a[s] / b[s] for s in a if s in b}
+    rows = row("plain extrapolation: ppl@4x / ppl@1x [>= 2]", ratio(ppl("none", 4 * L), base),
+               lambda v: v >= 2.0)
+    for name, label in (("pi_ft", "PI"), ("yarn_ft", "YaRN")):
+        rows += row(f"{label} + fine-tune: ppl@4x / base ppl@1x [<= 1.10]",
+                    ratio(ppl(name, 4 * L), base), lambda v: v <= 1.10)
+    reach = {}
+    pi_final = {r["seed"]: r["ft_curve"][max(r["ft_curve"], key=int)]
+                for r in by_method.get("pi_ft", []) if r.get("ft_curve")}
+    for r in by_method.get("yarn_ft", []):
+        if r["seed"] in pi_final and r.get("ft_curve"):
+            hits = [int(k) for k, v in r["ft_curve"].items() if v <= pi_final[r["seed"]]]
+            reach[r["seed"]] = min(hits) if hits else float("inf")
+    last = max((int(k) for r in by_method.get("pi_ft", []) for k in r.get("ft_curve", {})),
+               default=0)
+    rows += row(f"YaRN reaches PI's final ppl@4x (step {last}) sooner [step < {last}]", reach,
+                lambda v: v < last, fmt="step {}")
+    rows += row("dynamic NTK, no fine-tune: ppl@2x / ppl@1x [<= 1.2]",
+                ratio(ppl("dynamic", 2 * L), base), lambda v: v <= 1.2)
+    rows += row("dynamic NTK, no fine-tune: ppl@8x / ppl@1x [>= 2]",
+                ratio(ppl("dynamic", 8 * L), base), lambda v: v >= 2.0)
+    for name, label in (("pi_ft", "PI"), ("yarn_ft", "YaRN")):
+        rows += row(f"passkey@4x after {label} + fine-tune [>= 0.9]", passkey(name, 4 * L),
+                    lambda v: v >= 0.9, fmt="{:.2f}")
+    pi, yarn = passkey("pi_ft", 4 * L), passkey("yarn_ft", 4 * L)
+    scaled = {seed: max(pi.get(seed, 0.0), yarn.get(seed, 0.0)) for seed in passkey("none_ft", 4 * L)}
+    rows += row("passkey@4x: fine-tune without scaling minus the better of PI / YaRN [<= -0.3]",
+                {seed: v - scaled[seed] for seed, v in passkey("none_ft", 4 * L).items()},
+                lambda v: v <= -0.3, fmt="{:+.2f}")
+    return rows
 
 
 def _plot_curves(curves: dict, path: str) -> str:
