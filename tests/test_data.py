@@ -112,6 +112,37 @@ def test_packing_matches_hand_made_example():
         np.testing.assert_array_equal(batch[key], np.array(want), err_msg=key)
 
 
+def test_whole_docs_packing_pads_instead_of_splitting_a_fitting_document():
+    # "hello" (6 pairs) does not fit in the 2 pairs row 0 has left but fits in a row:
+    # row 0 is padded and "hello" starts row 1. Ten q's (11 pairs) cannot fit any row,
+    # so it is split as before: 2 pairs end row 1, 8 fill row 2, 1 starts row 3.
+    src = [{"text": "abc"}, {"text": "x"}, {"text": "hello"}, {"text": "q" * 10}]
+    def dataset():
+        return make_dataset(src, BYTE, seq_len=8, batch_size=1, seed=None, num_epochs=1,
+                            interleave=1, whole_docs=True)
+    rows = [bt for bt in dataset()]
+    a, b, c, x, h, e, l, o, q = (ord(ch) for ch in "abcxheloq")
+    expected = {
+        "tokens": [[B, a, b, c, B, x, P, P], [B, h, e, l, l, o, B, q], [q] * 8, [q] + [P] * 7],
+        "targets": [[a, b, c, E, x, E, P, P], [h, e, l, l, o, E, q, q], [q] * 8, [E] + [P] * 7],
+        "segment_ids": [[1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 2, 2], [1] * 8,
+                        [1] + [0] * 7],
+        "positions": [[0, 1, 2, 3, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 0, 1], list(range(8)),
+                      [0] * 8],
+        "loss_mask": [[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8, [1] + [0] * 7],
+    }
+    for key, want in expected.items():
+        np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), np.array(want),
+                                      err_msg=key)
+    # The document held back for the next row survives a save and restore.
+    it = iter(dataset())
+    next(it)
+    state = it.get_state()
+    resumed = iter(dataset())
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["tokens"], rows[1]["tokens"])
+
+
 def test_interleaved_packing_matches_hand_made_example():
     # Two cursors: row 0 is cursor 0 ("abc"); row 1 is cursor 1, which takes "x" and
     # then the start of "hello"; row 2 is cursor 0 again, but the stream has ended, so

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import functools
+import re
 import subprocess
 import sys
 
@@ -250,3 +251,28 @@ def test_mix_fraction_of_tokens_and_resume():
     assert synthetic.mix_problems({"fraction": 1.0, "passkey_share": 2}) == [
         "data.mix.fraction=1.0: expected a share of tokens in [0, 1)",
         "data.mix.passkey_share=2: expected a value in [0, 1]"]
+
+
+def _questions_without_key(whole_docs: bool) -> tuple[int, int]:
+    """(passkey questions in the first 40 rows, those whose row piece lacks the key)."""
+    src = [{"text": "def f(x):\n    return x\n" * 40} for _ in range(8)]
+    mix = synthetic.Mix(fraction=0.5, passkey_share=1.0)
+    it = iter(make_dataset(src, BYTE, seq_len=512, batch_size=4, seed=0, mix=mix,
+                           prefetch_batches=0, whole_docs=whole_docs))
+    questions = orphans = 0
+    for _ in range(10):
+        batch = next(it)
+        for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
+            for seg in set(segments.tolist()) - {0}:
+                text = BYTE.decode(tokens[segments == seg])
+                if "What is the pass key?" in text:
+                    questions += 1
+                    orphans += re.search(r"The pass key is \d{5}\. Remember it", text) is None
+    return questions, orphans
+
+
+def test_whole_docs_keeps_every_passkey_question_with_its_key():
+    questions, orphans = _questions_without_key(whole_docs=True)
+    assert questions > 10 and orphans == 0
+    questions, orphans = _questions_without_key(whole_docs=False)  # plain packing splits some
+    assert questions > 10 and orphans > 0

@@ -225,6 +225,7 @@ BAD_CONFIGS = [
     ("stages.extend.schedule", "step", r"stages.extend.schedule='step': expected one of cosine"),
     ("stages.extend.rope_scaling", {"rope_type": "yarm", "factor": 2.0}, r"yarm"),
     ("log_every_steps", 2.5, r"log_every_steps=2.5: expected int"),
+    ("data.whole_docs", "yes", r"data.whole_docs='yes': expected bool"),
 ]
 
 

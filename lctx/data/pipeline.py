@@ -4,7 +4,10 @@ Packing. Each document is tokenized as d = [BOS, t_1, ..., t_n, EOS] and contrib
 its n + 1 next-token pairs (d[k] -> d[k+1], k = 0..n): BOS predicts t_1, t_n predicts
 EOS, and EOS is never an input. Pairs are laid into rows of `seq_len` in stream
 order; a document that does not fit continues at the start of a later row (split,
-never dropped), its positions restarting at 0. With `interleave` > 1, several
+never dropped), its positions restarting at 0. With `whole_docs`, a document that
+fits in one row is never split: when it does not fit in what is left of a row, the
+row is padded and the document starts the next one (a retrieval document split
+after its key would teach answering without it). With `interleave` > 1, several
 documents are packed at once and consecutive rows alternate between them. So within
 a row:
 
@@ -58,16 +61,20 @@ class PackIterDataset(grain.IterDataset):
       document spans many rows, while every document is still read exactly once per
       epoch, in stream order. 1 packs plainly in sequence.
     min_doc_len: documents with fewer than this many pairs (len - 1) are skipped.
+    whole_docs: a document of at most seq_len pairs that does not fit in the rest of a
+      row starts the cursor's next row instead (the rest of this row is padding).
     docs_per_epoch: documents in one pass of the parent. Any 2 * docs_per_epoch
       consecutive documents hold a whole epoch, so after that many skips in a row no
       document can qualify and iteration raises ValueError instead of spinning.
     """
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int,
-                 interleave: int = 1, min_doc_len: int = 0, docs_per_epoch: int):
+                 interleave: int = 1, min_doc_len: int = 0, whole_docs: bool = False,
+                 docs_per_epoch: int):
         super().__init__(parent)
         self._options = dict(seq_len=seq_len, pad_id=pad_id, interleave=interleave,
-                             min_doc_len=min_doc_len, docs_per_epoch=docs_per_epoch)
+                             min_doc_len=min_doc_len, whole_docs=whole_docs,
+                             docs_per_epoch=docs_per_epoch)
 
     def __iter__(self) -> "_PackIterator":
         return _PackIterator(self._parent.__iter__(), **self._options)
@@ -93,9 +100,9 @@ class _PackIterator(grain.DatasetIterator):
     """State: the stream position, each cursor's (read state, offset), the next cursor."""
 
     def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, pad_id: int,
-                 interleave: int, min_doc_len: int, docs_per_epoch: int):
+                 interleave: int, min_doc_len: int, whole_docs: bool, docs_per_epoch: int):
         super().__init__(parent)
-        self._seq_len, self._pad_id = seq_len, pad_id
+        self._seq_len, self._pad_id, self._whole_docs = seq_len, pad_id, whole_docs
         self._min_doc_len, self._docs_per_epoch = min_doc_len, docs_per_epoch
         self._cursors = [_Cursor() for _ in range(interleave)]
         self._next_cursor = 0
@@ -126,6 +133,9 @@ class _PackIterator(grain.DatasetIterator):
         while filled < length:
             if cursor.pairs_left() <= 0 and not self._read_next_doc(cursor):
                 break
+            if (self._whole_docs and cursor.offset == 0
+                    and length - filled < cursor.pairs_left() <= length):
+                break  # the unstarted document opens this cursor's next row whole
             n = min(length - filled, cursor.pairs_left())
             piece, start = slice(filled, filled + n), cursor.offset
             tokens[piece] = cursor.doc[start:start + n]
@@ -195,7 +205,7 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                  shard_index: int = 0, shard_count: int = 1, text_key: str = "text",
                  min_doc_len: int = 0, num_epochs: int | None = None, interleave: int = 16,
                  shuffle_window: int = 0, num_workers: int = 0, prefetch_batches: int = 2,
-                 mix: "Mix | None" = None) -> grain.IterDataset:
+                 mix: "Mix | None" = None, whole_docs: bool = False) -> grain.IterDataset:
     """Batches of packed rows: dict of int32 `[batch_size, seq_len]` under BATCH_KEYS.
 
     source: random-access records (a TFDS data source, a list of dicts); record[text_key]
@@ -218,6 +228,9 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     prefetch_batches: batches prepared ahead in a background thread (0: none).
     mix: a `lctx.data.synthetic.Mix`: that share of the tokens comes from synthetic
       passkey / needle documents (training; see lctx.data.synthetic).
+    whole_docs: documents that fit in one row are never split across rows
+      (PackIterDataset); costs padding, keeps each retrieval document's key with its
+      question.
     """
     _check_args(seq_len=seq_len, batch_size=batch_size, seed=seed, shard_index=shard_index,
                 shard_count=shard_count, min_doc_len=min_doc_len, num_epochs=num_epochs,
@@ -244,7 +257,8 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     # Tokenizing in the calling thread: threads would contend for the GIL on CPU.
     rows = PackIterDataset(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)),
                            seq_len=seq_len, pad_id=tokenizer.pad_id, interleave=interleave,
-                           min_doc_len=min_doc_len, docs_per_epoch=docs_per_epoch)
+                           min_doc_len=min_doc_len, whole_docs=whole_docs,
+                           docs_per_epoch=docs_per_epoch)
     if seed is not None and shuffle_window > 1:
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=shuffle_window,
                                                            seed=seed)

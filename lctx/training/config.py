@@ -56,6 +56,7 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = "byte"  # byte | path/to/spm.model | path/to/tokenizer.json
     c.data.validation_fraction = 0.05  # held-out share of files, split by path hash
     c.data.dedup = "exact"  # none | exact | near (duplicate file removal)
+    c.data.whole_docs = False  # documents that fit in a row are never split (padding instead)
     # Synthetic passkey / needle documents in the training stream (lctx.data.synthetic).
     c.data.mix = ConfigDict()
     c.data.mix.fraction = 0.0  # share of training tokens that are synthetic (0: off)

@@ -176,7 +176,8 @@ def _train_batches(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenize
                               batch_size=s.batch_size // count, seed=config.seed + stage.index,
                               shard_index=index, shard_count=count,
                               text_key=corpus.text_key, min_doc_len=s.min_doc_len,
-                              mix=ld.synthetic.Mix.from_config(config.data.mix))
+                              mix=ld.synthetic.Mix.from_config(config.data.mix),
+                              whole_docs=config.data.whole_docs)
     iterator = iter(dataset)
     if data_states is not None:
         if len(data_states) != count:
