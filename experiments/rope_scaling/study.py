@@ -37,6 +37,9 @@ _FT_STEPS = flags.DEFINE_integer("ft_steps", None, "Override the fine-tune steps
 _SHARE_BASE = flags.DEFINE_bool(
     "share_base", False, "Pretrain once (the first seed) and vary only the fine-tune data order "
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
+_WHOLE_DOCS = flags.DEFINE_bool(
+    "whole_docs", False, "Pack with data.whole_docs: a synthetic document is never split across "
+    "rows (plain packing splits most of them, and a split passkey document loses its key).")
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
@@ -111,6 +114,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
         c.data.validation_fraction = 0.25
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
+    c.data.whole_docs = _WHOLE_DOCS.value
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
     for key, values in stages.items():
