@@ -38,8 +38,8 @@ _SHARE_BASE = flags.DEFINE_bool(
     "share_base", False, "Pretrain once (the first seed) and vary only the fine-tune data order "
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
 _WHOLE_DOCS = flags.DEFINE_bool(
-    "whole_docs", False, "Pack with data.whole_docs: a synthetic document is never split across "
-    "rows (plain packing splits most of them, and a split passkey document loses its key).")
+    "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
+    "(with plain packing about a quarter of the passkey questions lose their key).")
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
