@@ -120,7 +120,7 @@ def test_whole_docs_packing_pads_instead_of_splitting_a_fitting_document():
     def dataset():
         return make_dataset(src, BYTE, seq_len=8, batch_size=1, seed=None, num_epochs=1,
                             interleave=1, whole_docs=True)
-    rows = [bt for bt in dataset()]
+    rows = list(dataset())
     a, b, c, x, h, e, l, o, q = (ord(ch) for ch in "abcxheloq")
     expected = {
         "tokens": [[B, a, b, c, B, x, P, P], [B, h, e, l, l, o, B, q], [q] * 8, [q] + [P] * 7],
