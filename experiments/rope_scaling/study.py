@@ -38,16 +38,18 @@ _FT_STEPS = flags.DEFINE_integer("ft_steps", None, "Override the fine-tune steps
 _SHARE_BASE = flags.DEFINE_bool(
     "share_base", False, "Pretrain once (the first seed) and vary only the fine-tune data order "
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
+_MIX = flags.DEFINE_float("mix", None, "Override data.mix.fraction (synthetic share of tokens).")
+_PASSKEY_SHARE = flags.DEFINE_float("passkey_share", None, "Override data.mix.passkey_share.")
 _WHOLE_DOCS = flags.DEFINE_bool(
-    "whole_docs", True, "Pack with data.whole_docs: a document that fits a row is never split "
-    "(--nowhole_docs packs plainly: about a quarter of the passkey questions then lose their key).")
+    "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
+    "(with plain packing about a quarter of the passkey questions lose their key).")
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
 # Sizes. Full: the issue's study on a 2-core CPU. Quick: seconds per part.
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
-            ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.4, passkey_share=0.9,
+            ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
@@ -115,7 +117,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
         c.data.validation_fraction = 0.25
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
-    c.data.whole_docs = _WHOLE_DOCS.value
+    c.data.whole_docs = s["whole_docs"]
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
     for key, values in stages.items():
@@ -452,6 +454,10 @@ def main(argv: list[str]) -> None:
             print(f"study: --ft_steps={_FT_STEPS.value}: expected 1..200", file=sys.stderr)
             sys.exit(2)
         s["ft_steps"] = _FT_STEPS.value
+    for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE)):
+        if flag.value is not None:
+            s[key] = flag.value
+    s["whole_docs"] = _WHOLE_DOCS.value
     table = methods(s)
     names = _METHODS.value or list(table)
     bad = [n for n in names if n not in table]

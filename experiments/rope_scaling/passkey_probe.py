@@ -1,0 +1,90 @@
+"""How fast does the study's `small` model learn passkey retrieval at its training length?
+
+    python experiments/rope_scaling/passkey_probe.py --out=runs/rope_study2 \
+        --name=probeB --mix=0.5 --passkey_share=1.0 --whole_docs --steps=400
+
+Pretrains like study.py (same tokenizer, model, batch, schedule, and its --mix,
+--passkey_share and --whole_docs; OUT must hold the study's tokenizer and corpus)
+for --steps steps, then scores every
+checkpoint on passkey prompts at the training length, teacher-forced: a prompt
+counts when the argmax at each answer position is the key's next token. That is
+greedy decoding's exact match whenever the model emits the key in the training
+documents' tokenization, so it is a lower bound on the evaluation's score, and one
+forward pass per prompt instead of a decode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402  (the study's sizes, config and training)
+
+_NAME = flags.DEFINE_string("name", "probe", "Run name under OUT/runs.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps (a checkpoint every 100).")
+_PROMPTS = flags.DEFINE_integer("prompts", 12, "Passkey prompts per checkpoint (depths 5-95%).")
+
+
+def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
+    """Teacher-forced passkey exact match and per-token accuracy over `prompts` depths."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lctx import model as lm
+    from lctx.eval import retrieval
+
+    forward = jax.jit(lambda p, x: lm.forward(model_config, p, x))
+    rng = np.random.default_rng(123)
+    exact, token_hits = [], []
+    for depth in np.linspace(0.05, 0.95, prompts):
+        key = retrieval.passkey_keys(rng, 1)[0]
+        prompt = retrieval.passkey_prompt(tokenizer, length, float(depth), key)
+        if prompt is None:
+            raise SystemExit(f"passkey_probe: no passkey prompt fits {length} tokens")
+        answer = tokenizer.encode(f" {key}")
+        ids = np.concatenate([prompt.ids, answer])
+        predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
+        n = len(prompt.ids)
+        hits = predicted[n - 1:n - 1 + len(answer)] == ids[n:]
+        exact.append(bool(hits.all()))
+        token_hits.append(float(hits.mean()))
+    return {"exact": float(np.mean(exact)), "token_accuracy": float(np.mean(token_hits))}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from lctx import data as ld
+    from lctx.eval.api import load_run
+
+    out = flags.FLAGS.out
+    s = dict(study.FULL, whole_docs=flags.FLAGS.whole_docs)
+    for key in ("mix", "passkey_share"):
+        if flags.FLAGS[key].value is not None:
+            s[key] = flags.FLAGS[key].value
+    tokenizer_path = os.path.join(out, f"spm{s['vocab']}.model")
+    if not os.path.isfile(tokenizer_path):
+        raise SystemExit(f"passkey_probe: {tokenizer_path} missing: run study.py --out={out} first")
+    config = study.run_config(out, s, _NAME.value, 0, tokenizer_path, {"pretrain": dict(
+        seq_len=s["train_len"], batch_size=s["pretrain_batch"], steps=_STEPS.value,
+        learning_rate=s["pretrain_lr"], warmup_steps=max(1, _STEPS.value // 10))})
+    config.checkpoint.every_steps = 100
+    study.train(config)
+    tokenizer = ld.make_tokenizer(config.data.tokenizer)
+    results = {}
+    for step in study._checkpoint_steps(config.workdir):
+        _, model_config, params, _, _ = load_run(config.workdir, step)
+        results[step] = score(model_config, params, tokenizer, s["train_len"], _PROMPTS.value)
+        print(f"step {step}: passkey@{s['train_len']} exact {results[step]['exact']:.2f}, "
+              f"token accuracy {results[step]['token_accuracy']:.2f}", flush=True)
+    with open(os.path.join(config.workdir, "passkey_probe.json"), "w") as f:
+        json.dump({"mix": s["mix"], "passkey_share": s["passkey_share"],
+                   "whole_docs": s["whole_docs"], "by_step": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
