@@ -27,6 +27,9 @@ import study  # noqa: E402  (the study's sizes, config and training)
 _NAME = flags.DEFINE_string("name", "probe", "Run name under OUT/runs.")
 _STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps (a checkpoint every 100).")
 _PROMPTS = flags.DEFINE_integer("prompts", 12, "Passkey prompts per checkpoint (depths 5-95%).")
+_LAYOUTS = flags.DEFINE_integer(
+    "layouts", 0, "Instead: for a finished run (--name), keys retrieved of 4 for every "
+    "placement of the key line in a prompt of this many filler sentences.")
 
 
 def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
@@ -56,6 +59,35 @@ def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
     return {"exact": float(np.mean(exact)), "token_accuracy": float(np.mean(token_hits))}
 
 
+def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) -> list[int]:
+    """Teacher-forced keys retrieved (of `keys`) with b = 0..sentences filler sentences
+    before the key line (short instruction, as the evaluation uses at small lengths)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lctx import model as lm
+    from lctx.eval import retrieval
+
+    forward = jax.jit(lambda p, x: lm.forward(model_config, p, x))
+    drawn = retrieval.passkey_keys(np.random.default_rng(7), keys)
+    counts = []
+    for before in range(sentences + 1):
+        hits = 0
+        for key in drawn:
+            text = retrieval.passkey_text(key, before, sentences - before,
+                                          retrieval.SHORT_INSTRUCTION)
+            prompt = np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)
+            answer = tokenizer.encode(f" {key}")
+            ids = np.concatenate([prompt, answer])
+            ids = np.concatenate([ids, np.zeros(-len(ids) % 8, ids.dtype)])  # block-divisible
+            predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
+            n = len(prompt)
+            hits += bool((predicted[n - 1:n - 1 + len(answer)] == ids[n:n + len(answer)]).all())
+        counts.append(hits)
+    return counts
+
+
 def main(argv: list[str]) -> None:
     del argv
     from lctx import data as ld
@@ -73,8 +105,14 @@ def main(argv: list[str]) -> None:
         seq_len=s["train_len"], batch_size=s["pretrain_batch"], steps=_STEPS.value,
         learning_rate=s["pretrain_lr"], warmup_steps=max(1, _STEPS.value // 10))})
     config.checkpoint.every_steps = 100
-    study.train(config)
     tokenizer = ld.make_tokenizer(config.data.tokenizer)
+    if _LAYOUTS.value:
+        _, model_config, params, _, _ = load_run(config.workdir)
+        counts = by_layout(model_config, params, tokenizer, _LAYOUTS.value)
+        print(f"{_NAME.value}: keys retrieved of 4 by filler sentences before the key line "
+              f"(of {_LAYOUTS.value}): {counts}")
+        return
+    study.train(config)
     results = {}
     for step in study._checkpoint_steps(config.workdir):
         _, model_config, params, _, _ = load_run(config.workdir, step)
