@@ -32,10 +32,21 @@ _LAYOUTS = flags.DEFINE_integer(
     "placement of the key line in a prompt of this many filler sentences.")
 
 
+def teacher_forced_hits(forward, params, prompt, answer):
+    """bool `[len(answer)]`: whether the argmax after prompt + answer[:i] is answer[i]."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    ids = np.concatenate([prompt, answer])
+    ids = np.concatenate([ids, np.zeros(-len(ids) % 8, ids.dtype)])  # block-divisible
+    predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
+    n = len(prompt)
+    return predicted[n - 1:n - 1 + len(answer)] == np.asarray(answer)
+
+
 def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
     """Teacher-forced passkey exact match and per-token accuracy over `prompts` depths."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lctx import model as lm
@@ -49,11 +60,7 @@ def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
         prompt = retrieval.passkey_prompt(tokenizer, length, float(depth), key)
         if prompt is None:
             raise SystemExit(f"passkey_probe: no passkey prompt fits {length} tokens")
-        answer = tokenizer.encode(f" {key}")
-        ids = np.concatenate([prompt.ids, answer])
-        predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
-        n = len(prompt.ids)
-        hits = predicted[n - 1:n - 1 + len(answer)] == ids[n:]
+        hits = teacher_forced_hits(forward, params, prompt.ids, tokenizer.encode(f" {key}"))
         exact.append(bool(hits.all()))
         token_hits.append(float(hits.mean()))
     return {"exact": float(np.mean(exact)), "token_accuracy": float(np.mean(token_hits))}
@@ -63,7 +70,6 @@ def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) ->
     """Teacher-forced keys retrieved (of `keys`) with b = 0..sentences filler sentences
     before the key line (short instruction, as the evaluation uses at small lengths)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lctx import model as lm
@@ -78,12 +84,8 @@ def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) ->
             text = retrieval.passkey_text(key, before, sentences - before,
                                           retrieval.SHORT_INSTRUCTION)
             prompt = np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)
-            answer = tokenizer.encode(f" {key}")
-            ids = np.concatenate([prompt, answer])
-            ids = np.concatenate([ids, np.zeros(-len(ids) % 8, ids.dtype)])  # block-divisible
-            predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
-            n = len(prompt)
-            hits += bool((predicted[n - 1:n - 1 + len(answer)] == ids[n:n + len(answer)]).all())
+            hits += bool(teacher_forced_hits(forward, params, prompt,
+                                             tokenizer.encode(f" {key}")).all())
         counts.append(hits)
     return counts
 
@@ -94,10 +96,7 @@ def main(argv: list[str]) -> None:
     from lctx.eval.api import load_run
 
     out = flags.FLAGS.out
-    s = dict(study.FULL, whole_docs=flags.FLAGS.whole_docs)
-    for key in ("mix", "passkey_share"):
-        if flags.FLAGS[key].value is not None:
-            s[key] = flags.FLAGS[key].value
+    s = study.sizes_from_flags()
     tokenizer_path = os.path.join(out, f"spm{s['vocab']}.model")
     if not os.path.isfile(tokenizer_path):
         raise SystemExit(f"passkey_probe: {tokenizer_path} missing: run study.py --out={out} first")

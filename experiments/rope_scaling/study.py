@@ -442,10 +442,8 @@ def _plot_curves(curves: dict, path: str) -> str:
     return path
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"study: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+def sizes_from_flags() -> dict:
+    """QUICK or FULL with the command line's overrides applied (exits 2 on a bad one)."""
     s = dict(QUICK if _QUICK.value else FULL)
     if _PRETRAIN_STEPS.value:
         s["pretrain_steps"] = _PRETRAIN_STEPS.value
@@ -458,6 +456,14 @@ def main(argv: list[str]) -> None:
         if flag.value is not None:
             s[key] = flag.value
     s["whole_docs"] = _WHOLE_DOCS.value
+    return s
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        print(f"study: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    s = sizes_from_flags()
     table = methods(s)
     names = _METHODS.value or list(table)
     bad = [n for n in names if n not in table]
