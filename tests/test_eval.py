@@ -228,6 +228,40 @@ def test_synthetic_documents_have_the_eval_formats():
     assert answer in synthetic.ACTIVITIES and abs(len(doc) - 400) < 60
 
 
+def _filler_sentences(text: str) -> tuple[list[str], list[str]]:
+    """The filler sentences before and after the key line of a passkey training document."""
+    key = text.rsplit(" ", 1)[1].rstrip(".")
+    head, tail = text.split(retrieval.KEY_LINE.format(key=key))
+    assert tail.endswith(f"{retrieval.QUESTION} {key}.")
+    for instruction in (retrieval.INSTRUCTION, retrieval.SHORT_INSTRUCTION):
+        head = head.removeprefix(instruction)
+    tail = tail.rsplit(retrieval.QUESTION, 1)[0]
+    return tuple([x.strip() + "." for x in part.split(".") if x.strip()] for part in (head, tail))
+
+
+def _cycle_breaks(sentences: list[str]) -> int:
+    """How often a sentence is not the one that follows its predecessor in FILLER's cycle."""
+    follows = {a: b for a, b in zip(retrieval.FILLER, retrieval.FILLER[1:] + retrieval.FILLER[:1])}
+    return sum(b != follows[a] for a, b in zip(sentences, sentences[1:]))
+
+
+def test_shuffled_filler_passkey_documents():
+    """Random filler sentences from the standard five around the eval's key line and
+    question, deterministic in the rng; the cycle option keeps the fixed cycle."""
+    for seed in range(4):
+        text = synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600, "shuffled")
+        assert text == synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600,
+                                                  "shuffled") and len(text) <= 600
+        head, tail = _filler_sentences(text)
+        assert set(head + tail) <= set(retrieval.FILLER) and len(head + tail) > 10
+        assert _cycle_breaks(head) + _cycle_breaks(tail) > 0
+        head, tail = _filler_sentences(
+            synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600, "cycle"))
+        assert _cycle_breaks(head) + _cycle_breaks(tail) == 0 and len(head + tail) > 10
+    assert synthetic.mix_problems({"fraction": 0.1, "filler": "random"}) == [
+        "data.mix.filler='random': expected one of ('cycle', 'shuffled')"]
+
+
 def test_mix_fraction_of_tokens_and_resume():
     src = [{"text": ("def f%d(x):\n    return x + %d\n" % (i, i)) * 8} for i in range(30)]
     mix = synthetic.Mix(fraction=0.3, passkey_share=0.5)

@@ -40,6 +40,9 @@ _SHARE_BASE = flags.DEFINE_bool(
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
 _MIX = flags.DEFINE_float("mix", None, "Override data.mix.fraction (synthetic share of tokens).")
 _PASSKEY_SHARE = flags.DEFINE_float("passkey_share", None, "Override data.mix.passkey_share.")
+_FILLER = flags.DEFINE_enum(
+    "filler", "cycle", ["cycle", "shuffled"], "data.mix.filler: the passkey training documents' "
+    "filler in the evaluation's fixed cycle or as random sentences.")
 _WHOLE_DOCS = flags.DEFINE_bool(
     "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
     "(with plain packing about a quarter of the passkey questions lose their key).")
@@ -117,6 +120,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
         c.data.validation_fraction = 0.25
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
+    c.data.mix.filler = s["filler"]
     c.data.whole_docs = s["whole_docs"]
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
@@ -456,6 +460,7 @@ def sizes_from_flags() -> dict:
         if flag.value is not None:
             s[key] = flag.value
     s["whole_docs"] = _WHOLE_DOCS.value
+    s["filler"] = _FILLER.value
     return s
 
 

@@ -6,7 +6,10 @@ the task format rather than the context. A share of the stream is therefore made
 of documents in the evaluation formats, each ending with its answer:
 
   passkey  the passkey prompt (lctx.eval.retrieval) with a random 5-digit key at a
-           random depth, then " N." (answer)
+           random depth, then " N." (answer). filler="cycle" uses the evaluation's
+           fixed 5-sentence cycle; "shuffled" draws each filler sentence at random
+           from the same five, so the text between key and question never repeats
+           one pattern the model could key its lookup on
   needle   a random window of a real training document as haystack, a needle
            "The best thing to do in {city} is {activity}." at a random depth (moved
            back to a line or sentence end), the question, the answer prefix and
@@ -44,19 +47,25 @@ ACTIVITIES = (
 )
 
 
+FILLERS = ("cycle", "shuffled")
+
+
 @dataclasses.dataclass(frozen=True)
 class Mix:
     """fraction: share of training tokens from synthetic documents (0 turns mixing off);
-    passkey_share: share of those documents in the passkey format (the rest needle)."""
+    passkey_share: share of those documents in the passkey format (the rest needle);
+    filler: "cycle" or "shuffled" passkey filler (module docstring)."""
 
     fraction: float = 0.0
     passkey_share: float = 0.5
+    filler: str = "cycle"
 
     @classmethod
     def from_config(cls, mix: Mapping[str, Any] | None) -> Mix | None:
         if not mix or not mix.get("fraction"):
             return None
-        return cls(float(mix["fraction"]), float(mix.get("passkey_share", 0.5)))
+        return cls(float(mix["fraction"]), float(mix.get("passkey_share", 0.5)),
+                   str(mix.get("filler", "cycle")))
 
 
 def mix_problems(mix: Mapping[str, Any], prefix: str = "data.mix") -> list[str]:
@@ -67,6 +76,8 @@ def mix_problems(mix: Mapping[str, Any], prefix: str = "data.mix") -> list[str]:
         problems.append(f"{prefix}.fraction={fraction!r}: expected a share of tokens in [0, 1)")
     if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         problems.append(f"{prefix}.passkey_share={share!r}: expected a value in [0, 1]")
+    if mix.get("filler", "cycle") not in FILLERS:
+        problems.append(f"{prefix}.filler={mix.get('filler')!r}: expected one of {FILLERS}")
     return problems
 
 
@@ -75,7 +86,8 @@ def _budget(rng: np.random.Generator, seq_len: int, min_doc_len: int) -> int:
     return int(rng.integers(low, max(low, seq_len) + 1))
 
 
-def passkey_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int) -> str:
+def passkey_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int,
+                     filler: str = "cycle") -> str:
     """A passkey prompt of about `tokens` tokens (key at a random depth) and its answer."""
     from lctx.eval import retrieval
 
@@ -85,12 +97,17 @@ def passkey_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int
     instructions = [retrieval.INSTRUCTION, retrieval.SHORT_INSTRUCTION]
     if rng.uniform() < 0.5:
         instructions.reverse()
+    # Drawn once, so that the length search sees prefixes of one filler text.
+    sentences = ([retrieval.FILLER[i] for i in rng.integers(len(retrieval.FILLER), size=tokens)]
+                 if filler == "shuffled" else None)
     for instruction in instructions:  # the short one when the full one leaves no room
         def text(n):
             before = int(round(depth * n))
-            return retrieval.passkey_text(key, before, n - before, instruction) + answer
+            return retrieval.passkey_text(key, before, n - before, instruction,
+                                          sentences) + answer
 
-        n = retrieval._largest(lambda n: len(tokenizer.encode(text(n))) + 2 <= tokens, 4 * tokens)
+        # A sentence is at least one token, so `tokens` of them always overfill.
+        n = retrieval._largest(lambda n: len(tokenizer.encode(text(n))) + 2 <= tokens, tokens)
         if n >= 0:
             break
     return text(max(n, 0))
@@ -117,13 +134,13 @@ def needle_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int,
 
 def synthetic_record(index: int, record: Mapping[str, Any], *, tokenizer: Tokenizer,
                      text_key: str, seq_len: int, min_doc_len: int, passkey_share: float,
-                     seed: int) -> np.ndarray:
+                     seed: int, filler: str = "cycle") -> np.ndarray:
     """int32 `[n]` BOS ... EOS of synthetic document `index` (a module-level function so
     that grain worker processes can pickle it). `record` supplies a needle's haystack."""
     rng = np.random.default_rng([seed, index])
     tokens = _budget(rng, seq_len, min_doc_len)
     if rng.uniform() < passkey_share:
-        text = passkey_document(tokenizer, rng, tokens)
+        text = passkey_document(tokenizer, rng, tokens, filler)
     else:
         value = record[text_key]
         haystack = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
@@ -150,7 +167,7 @@ def mix_documents(real: grain.MapDataset, source: grain.MapDataset, mix: Mix, *,
     """
     synthetic = source.shuffle(seed=seed + 7).repeat(None).map_with_index(functools.partial(
         synthetic_record, tokenizer=tokenizer, text_key=text_key, seq_len=seq_len,
-        min_doc_len=min_doc_len, passkey_share=mix.passkey_share, seed=seed))
+        min_doc_len=min_doc_len, passkey_share=mix.passkey_share, seed=seed, filler=mix.filler))
     synthetic_mean, real_mean = mean_tokens(synthetic), mean_tokens(real)
     f = mix.fraction
     weights = [(1 - f) / real_mean, f / synthetic_mean]

@@ -64,10 +64,21 @@ def filler_text(sentences: int) -> str:
     return " ".join(FILLER[i % len(FILLER)] for i in range(sentences))
 
 
-def passkey_text(key: str, before: int, after: int, instruction: str) -> str:
-    """The passkey prompt with `before` / `after` filler sentences around the key line."""
-    parts = [instruction, filler_text(before), KEY_LINE.format(key=key), filler_text(after),
-             QUESTION]
+def passkey_text(key: str, before: int, after: int, instruction: str,
+                 sentences: Sequence[str] | None = None) -> str:
+    """The passkey prompt with `before` / `after` filler sentences around the key line.
+
+    sentences: the filler in order (at least before + after of them); None takes the
+    standard FILLER cycle, restarted after the key line.
+    """
+    if sentences is None:
+        head, tail = filler_text(before), filler_text(after)
+    else:
+        if len(sentences) < before + after:
+            raise ValueError(f"{len(sentences)} filler sentences for before={before} + "
+                             f"after={after}")
+        head, tail = " ".join(sentences[:before]), " ".join(sentences[before:before + after])
+    parts = [instruction, head, KEY_LINE.format(key=key), tail, QUESTION]
     return " ".join(p for p in parts if p)
 
 
