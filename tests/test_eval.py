@@ -262,6 +262,27 @@ def test_shuffled_filler_passkey_documents():
         "data.mix.filler='random': expected one of ('cycle', 'shuffled')"]
 
 
+def test_copy_documents_repeat_a_random_sequence():
+    rng = np.random.default_rng(0)
+    text = synthetic.copy_document(BYTE, rng, 300)
+    words = text.split(" ")
+    half = len(words) // 2
+    assert words[:half] == words[half:] and 250 < len(text) <= 300
+    assert re.search(r"\d{5}\.", text) and any(f in text for f in retrieval.FILLER)
+    src = [{"text": "def f(x):\n    return x\n" * 20} for _ in range(8)]
+    mix = synthetic.Mix(fraction=0.5, passkey_share=1.0, copy_share=0.4)
+    docs, _ = synthetic.mix_documents(grain.MapDataset.source(src).repeat(None).map(
+        functools.partial(tokenize_record, tokenizer=BYTE, text_key="text")),
+        grain.MapDataset.source(src), mix, tokenizer=BYTE, text_key="text", seq_len=256,
+        min_doc_len=0, seed=0)
+    texts = [BYTE.decode(docs[i][1:-1]) for i in range(600)]
+    synthetic_docs = [t for t in texts if not t.startswith("def ")]
+    copies = sum("pass key" not in t for t in synthetic_docs)
+    assert 0.3 < copies / len(synthetic_docs) < 0.5
+    assert synthetic.mix_problems({"fraction": 0.1, "copy_share": -1}) == [
+        "data.mix.copy_share=-1: expected a value in [0, 1]"]
+
+
 def test_mix_fraction_of_tokens_and_resume():
     src = [{"text": ("def f%d(x):\n    return x + %d\n" % (i, i)) * 8} for i in range(30)]
     mix = synthetic.Mix(fraction=0.3, passkey_share=0.5)

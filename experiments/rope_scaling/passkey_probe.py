@@ -4,7 +4,8 @@
         --name=probeB --mix=0.5 --passkey_share=1.0 --whole_docs --steps=400
 
 Pretrains like study.py (same tokenizer, model, batch, schedule, and its --mix,
---passkey_share and --whole_docs; OUT must hold the study's tokenizer and corpus)
+--passkey_share, --copy_share, --filler and --whole_docs; OUT must hold the study's
+tokenizer and corpus)
 for --steps steps, then scores every
 checkpoint on passkey prompts at the training length, teacher-forced: a prompt
 counts when the argmax at each answer position is the key's next token. That is
@@ -27,6 +28,9 @@ import study  # noqa: E402  (the study's sizes, config and training)
 _NAME = flags.DEFINE_string("name", "probe", "Run name under OUT/runs.")
 _STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps (a checkpoint every 100).")
 _PROMPTS = flags.DEFINE_integer("prompts", 12, "Passkey prompts per checkpoint (depths 5-95%).")
+_HEADS = flags.DEFINE_integer(
+    "heads", 0, "Instead: for a finished run (--name), where each attention head looks from "
+    "the answer's first token in prompts of this many filler sentences (first_digit_attention).")
 _LAYOUTS = flags.DEFINE_integer(
     "layouts", 0, "Instead: for a finished run (--name), keys retrieved of 4 for every "
     "placement of the key line in a prompt of this many filler sentences.")
@@ -90,6 +94,93 @@ def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) ->
     return counts
 
 
+def recorded_attention(model_config):
+    """`(params, ids [1, s]) -> (logits, [(q, k) per layer])`: the forward pass with each
+    layer's rotated q `[1, s, h, d]` and k `[1, s, kv, d]` recorded. The model's attention
+    is wrapped for this diagnostic only: the layers are scanned, so a host callback is the
+    way to see inside them."""
+    import jax
+    import numpy as np
+
+    from lctx import model as lm
+    from lctx.model import transformer
+
+    recorded = []
+    plain = transformer.attention_fn
+
+    def recording(cfg, mesh):
+        attend = plain(cfg, mesh)
+
+        def wrapped(q, k, v, positions, segment_ids):
+            jax.debug.callback(lambda q, k: recorded.append((np.asarray(q), np.asarray(k))), q, k,
+                               ordered=True)
+            return attend(q, k, v, positions, segment_ids)
+        return wrapped
+
+    def run(params, ids):
+        recorded.clear()
+        transformer.attention_fn = recording
+        try:
+            logits = np.asarray(lm.forward(model_config, params, ids))
+            jax.effects_barrier()
+        finally:
+            transformer.attention_fn = plain
+        return logits, list(recorded)
+    return run
+
+
+def first_digit_attention(model_config, params, tokenizer, sentences: int,
+                          keys=("48213", "70956", "31597")) -> list[dict]:
+    """Where the retrieval head looks when the answer starts, by layout.
+
+    For every number `after` = 0..sentences of filler sentences between the key line and
+    the question (short instruction): the attention of each head, at the answer's first
+    token (whose next token is the key's first digit), on the key's first digit (both
+    copies in the key line), and which key digit (copy, place 1-5) the head that puts the
+    most mass there overall looks at most. Returns one dict per (key, after).
+    """
+    import numpy as np
+
+    from lctx.eval import retrieval
+
+    run = recorded_attention(model_config)
+    rows = []
+    for key in keys:
+        answer = [int(t) for t in tokenizer.encode(f" {key}")]
+        digits = answer[-len(key):]
+        for after in range(sentences + 1):
+            text = retrieval.passkey_text(key, sentences - after, after,
+                                          retrieval.SHORT_INSTRUCTION)
+            prompt = [tokenizer.bos_id, *[int(t) for t in tokenizer.encode(text)]]
+            ids = np.asarray(prompt + answer, np.int32)
+            ids = np.concatenate([ids, np.zeros(-len(ids) % 8, np.int32)])[None]
+            logits, layers = run(params, ids)
+            n = len(prompt)
+            retrieved = bool((logits[0, n - 1:n - 1 + len(answer)].argmax(-1) == answer).all())
+            starts = [j for j in range(n - len(digits)) if prompt[j:j + len(digits)] == digits]
+            probs = []
+            for q, k in layers:  # softmax of one query row, float64, GQA heads repeated
+                scores = np.einsum("hd,thd->ht", q[0, n].astype(np.float64),
+                                   np.repeat(k[0, :n + 1], q.shape[2] // k.shape[2], 1))
+                scores /= np.sqrt(q.shape[-1])
+                p = np.exp(scores - scores.max(-1, keepdims=True))
+                probs.append(p / p.sum(-1, keepdims=True))
+            probs = np.stack(probs)  # [layers, heads, n + 1]
+            rows.append({"key": key, "after": after, "distance": n - starts[0],
+                         "retrieved": retrieved, "on_first_digit": probs[..., starts].sum(-1),
+                         "on_key_digits": np.stack([probs[..., j:j + len(digits)]
+                                                    for j in starts], -2)})
+    mean = np.mean([r["on_first_digit"] for r in rows], 0)
+    layer, head = np.unravel_index(int(mean.argmax()), mean.shape)
+    for r in rows:
+        r["head"] = (int(layer), int(head))
+        r["head_on_first_digit"] = float(r["on_first_digit"][layer, head])
+        copy, place = np.unravel_index(int(r["on_key_digits"][layer, head].argmax()),
+                                       r["on_key_digits"].shape[-2:])
+        r["head_digit"] = (int(copy) + 1, int(place) + 1)
+    return rows
+
+
 def main(argv: list[str]) -> None:
     del argv
     from lctx import data as ld
@@ -105,6 +196,18 @@ def main(argv: list[str]) -> None:
         learning_rate=s["pretrain_lr"], warmup_steps=max(1, _STEPS.value // 10))})
     config.checkpoint.every_steps = 100
     tokenizer = ld.make_tokenizer(config.data.tokenizer)
+    if _HEADS.value:
+        _, model_config, params, _, _ = load_run(config.workdir)
+        rows = first_digit_attention(model_config, params, tokenizer, _HEADS.value)
+        layer, head = rows[0]["head"]
+        print(f"{_NAME.value}: layer {layer} head {head} (most attention on the key's first "
+              f"digit); per key and filler sentences after the key line: retrieved, its "
+              f"attention on the first digit, the key digit it looks at most")
+        for r in rows:
+            print(f"  key {r['key']} after {r['after']:2d} (distance {r['distance']:3d}): "
+                  f"{'yes' if r['retrieved'] else 'no '}  {r['head_on_first_digit']:.2f}  "
+                  f"copy {r['head_digit'][0]} digit {r['head_digit'][1]}")
+        return
     if _LAYOUTS.value:
         _, model_config, params, _, _ = load_run(config.workdir)
         counts = by_layout(model_config, params, tokenizer, _LAYOUTS.value)
@@ -119,8 +222,8 @@ def main(argv: list[str]) -> None:
         print(f"step {step}: passkey@{s['train_len']} exact {results[step]['exact']:.2f}, "
               f"token accuracy {results[step]['token_accuracy']:.2f}", flush=True)
     with open(os.path.join(config.workdir, "passkey_probe.json"), "w") as f:
-        json.dump({"mix": s["mix"], "passkey_share": s["passkey_share"],
-                   "whole_docs": s["whole_docs"], "by_step": results}, f, indent=1)
+        json.dump({key: s[key] for key in ("mix", "passkey_share", "copy_share", "filler",
+                                           "whole_docs")} | {"by_step": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ _SHARE_BASE = flags.DEFINE_bool(
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
 _MIX = flags.DEFINE_float("mix", None, "Override data.mix.fraction (synthetic share of tokens).")
 _PASSKEY_SHARE = flags.DEFINE_float("passkey_share", None, "Override data.mix.passkey_share.")
+_COPY_SHARE = flags.DEFINE_float("copy_share", None, "Override data.mix.copy_share.")
 _FILLER = flags.DEFINE_enum(
-    "filler", "cycle", ["cycle", "shuffled"], "data.mix.filler: the passkey training documents' "
+    "filler", None, ["cycle", "shuffled"], "data.mix.filler: the passkey training documents' "
     "filler in the evaluation's fixed cycle or as random sentences.")
 _WHOLE_DOCS = flags.DEFINE_bool(
     "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
@@ -53,11 +54,13 @@ _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experi
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
             ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
+            copy_share=0.0, filler="cycle",
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
              ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
+             copy_share=0.0, filler="cycle",
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128, block=32)
 
@@ -121,6 +124,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
     c.data.mix.filler = s["filler"]
+    c.data.mix.copy_share = s["copy_share"]
     c.data.whole_docs = s["whole_docs"]
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
@@ -456,11 +460,11 @@ def sizes_from_flags() -> dict:
             print(f"study: --ft_steps={_FT_STEPS.value}: expected 1..200", file=sys.stderr)
             sys.exit(2)
         s["ft_steps"] = _FT_STEPS.value
-    for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE)):
+    for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE),
+                      ("copy_share", _COPY_SHARE), ("filler", _FILLER)):
         if flag.value is not None:
             s[key] = flag.value
     s["whole_docs"] = _WHOLE_DOCS.value
-    s["filler"] = _FILLER.value
     return s
 
 

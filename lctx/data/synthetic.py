@@ -16,6 +16,13 @@ of documents in the evaluation formats, each ending with its answer:
            the activity. Cities and activities are drawn independently, so the
            answer can only come from the context (the evaluation's needle is one
            fixed pair, never a memorised one).
+  copy     (copy_share of the synthetic documents; 0 by default) a random sequence of
+           5-digit numbers and filler sentences, then the same sequence again. Its
+           second half can only be predicted by finding where the current token
+           occurred before and copying what followed (an induction head), at random
+           offsets; the passkey format alone can be fitted by a first-layer head that
+           picks the key's digits by relative position, which fails at some
+           distances (experiments/rope_scaling/README.md).
 
 Each document has a random length in [seq_len / 4, seq_len] tokens (at least the
 stage's min_doc_len), and is a pure function of (seed, shard, index): the stream
@@ -53,29 +60,34 @@ FILLERS = ("cycle", "shuffled")
 @dataclasses.dataclass(frozen=True)
 class Mix:
     """fraction: share of training tokens from synthetic documents (0 turns mixing off);
-    passkey_share: share of those documents in the passkey format (the rest needle);
-    filler: "cycle" or "shuffled" passkey filler (module docstring)."""
+    passkey_share: share of the other synthetic documents in the passkey format (the rest
+    needle); filler: "cycle" or "shuffled" passkey filler; copy_share: share of the
+    synthetic documents in the copy format (module docstring)."""
 
     fraction: float = 0.0
     passkey_share: float = 0.5
     filler: str = "cycle"
+    copy_share: float = 0.0
 
     @classmethod
     def from_config(cls, mix: Mapping[str, Any] | None) -> Mix | None:
         if not mix or not mix.get("fraction"):
             return None
         return cls(float(mix["fraction"]), float(mix.get("passkey_share", 0.5)),
-                   str(mix.get("filler", "cycle")))
+                   str(mix.get("filler", "cycle")), float(mix.get("copy_share", 0.0)))
 
 
 def mix_problems(mix: Mapping[str, Any], prefix: str = "data.mix") -> list[str]:
     """One line per bad `data.mix.*` value."""
     problems = []
     fraction, share = mix.get("fraction", 0.0), mix.get("passkey_share", 0.5)
+    copy_share = mix.get("copy_share", 0.0)
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
         problems.append(f"{prefix}.fraction={fraction!r}: expected a share of tokens in [0, 1)")
     if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         problems.append(f"{prefix}.passkey_share={share!r}: expected a value in [0, 1]")
+    if not isinstance(copy_share, (int, float)) or not 0.0 <= copy_share <= 1.0:
+        problems.append(f"{prefix}.copy_share={copy_share!r}: expected a value in [0, 1]")
     if mix.get("filler", "cycle") not in FILLERS:
         problems.append(f"{prefix}.filler={mix.get('filler')!r}: expected one of {FILLERS}")
     return problems
@@ -113,6 +125,20 @@ def passkey_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int
     return text(max(n, 0))
 
 
+def copy_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int) -> str:
+    """A random sequence of numbers and filler sentences twice, about `tokens` tokens."""
+    from lctx.eval import retrieval
+
+    items = [retrieval.FILLER[rng.integers(len(retrieval.FILLER))] if rng.uniform() < 0.5
+             else f"{rng.integers(10000, 100000)}." for _ in range(tokens)]
+
+    def text(n):
+        return " ".join(items[:n] + items[:n])
+
+    n = retrieval._largest(lambda n: len(tokenizer.encode(text(n))) + 2 <= tokens, tokens // 2)
+    return text(max(n, 1))
+
+
 def needle_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int,
                     haystack: str) -> str:
     """A random needle in a window of `haystack`, the question and the answer."""
@@ -134,12 +160,14 @@ def needle_document(tokenizer: Tokenizer, rng: np.random.Generator, tokens: int,
 
 def synthetic_record(index: int, record: Mapping[str, Any], *, tokenizer: Tokenizer,
                      text_key: str, seq_len: int, min_doc_len: int, passkey_share: float,
-                     seed: int, filler: str = "cycle") -> np.ndarray:
+                     seed: int, filler: str = "cycle", copy_share: float = 0.0) -> np.ndarray:
     """int32 `[n]` BOS ... EOS of synthetic document `index` (a module-level function so
     that grain worker processes can pickle it). `record` supplies a needle's haystack."""
     rng = np.random.default_rng([seed, index])
     tokens = _budget(rng, seq_len, min_doc_len)
-    if rng.uniform() < passkey_share:
+    if copy_share and rng.uniform() < copy_share:  # no draw when off: streams stay as they were
+        text = copy_document(tokenizer, rng, tokens)
+    elif rng.uniform() < passkey_share:
         text = passkey_document(tokenizer, rng, tokens, filler)
     else:
         value = record[text_key]
@@ -167,7 +195,8 @@ def mix_documents(real: grain.MapDataset, source: grain.MapDataset, mix: Mix, *,
     """
     synthetic = source.shuffle(seed=seed + 7).repeat(None).map_with_index(functools.partial(
         synthetic_record, tokenizer=tokenizer, text_key=text_key, seq_len=seq_len,
-        min_doc_len=min_doc_len, passkey_share=mix.passkey_share, seed=seed, filler=mix.filler))
+        min_doc_len=min_doc_len, passkey_share=mix.passkey_share, seed=seed, filler=mix.filler,
+        copy_share=mix.copy_share))
     synthetic_mean, real_mean = mean_tokens(synthetic), mean_tokens(real)
     f = mix.fraction
     weights = [(1 - f) / real_mean, f / synthetic_mean]
