@@ -207,6 +207,10 @@ def main(argv: list[str]) -> None:
             print(f"  key {r['key']} after {r['after']:2d} (distance {r['distance']:3d}): "
                   f"{'yes' if r['retrieved'] else 'no '}  {r['head_on_first_digit']:.2f}  "
                   f"copy {r['head_digit'][0]} digit {r['head_digit'][1]}")
+        on = [r["retrieved"] for r in rows if r["head_on_first_digit"] >= 0.5]
+        off = [r["retrieved"] for r in rows if r["head_on_first_digit"] < 0.5]
+        print(f"retrieved in {sum(on)} of {len(on)} prompts where the head puts at least half "
+              f"its attention on the first digit, in {sum(off)} of {len(off)} elsewhere")
         return
     if _LAYOUTS.value:
         _, model_config, params, _, _ = load_run(config.workdir)
