@@ -22,7 +22,8 @@ of documents in the evaluation formats, each ending with its answer:
            occurred before and copying what followed (an induction head), at random
            offsets; the passkey format alone can be fitted by a first-layer head that
            picks the key's digits by relative position, which fails at some
-           distances (experiments/rope_scaling/README.md).
+           distances. Neither shuffled filler nor copy documents made the RoPE
+           study's small model retrieve better (experiments/rope_scaling/README.md).
 
 Each document has a random length in [seq_len / 4, seq_len] tokens (at least the
 stage's min_doc_len), and is a pure function of (seed, shard, index): the stream
