@@ -228,7 +228,7 @@ def test_synthetic_documents_have_the_eval_formats():
     assert answer in synthetic.ACTIVITIES and abs(len(doc) - 400) < 60
 
 
-def _filler_sentences(text: str) -> tuple[list[str], list[str]]:
+def _document_filler(text: str) -> tuple[list[str], list[str]]:
     """The filler sentences before and after the key line of a passkey training document."""
     key = text.rsplit(" ", 1)[1].rstrip(".")
     head, tail = text.split(retrieval.KEY_LINE.format(key=key))
@@ -252,10 +252,10 @@ def test_shuffled_filler_passkey_documents():
         text = synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600, "shuffled")
         assert text == synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600,
                                                   "shuffled") and len(text) <= 600
-        head, tail = _filler_sentences(text)
+        head, tail = _document_filler(text)
         assert set(head + tail) <= set(retrieval.FILLER) and len(head + tail) > 10
         assert _cycle_breaks(head) + _cycle_breaks(tail) > 0
-        head, tail = _filler_sentences(
+        head, tail = _document_filler(
             synthetic.passkey_document(BYTE, np.random.default_rng(seed), 600, "cycle"))
         assert _cycle_breaks(head) + _cycle_breaks(tail) == 0 and len(head + tail) > 10
     assert synthetic.mix_problems({"fraction": 0.1, "filler": "random"}) == [
