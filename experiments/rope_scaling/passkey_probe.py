@@ -70,6 +70,15 @@ def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
     return {"exact": float(np.mean(exact)), "token_accuracy": float(np.mean(token_hits))}
 
 
+def layout_prompt(tokenizer, key: str, before: int, after: int) -> list[int]:
+    """BOS and the passkey prompt with the short instruction (as the evaluation uses at
+    small lengths) and `before` / `after` filler sentences around the key line."""
+    from lctx.eval import retrieval
+
+    text = retrieval.passkey_text(key, before, after, retrieval.SHORT_INSTRUCTION)
+    return [tokenizer.bos_id, *[int(t) for t in tokenizer.encode(text)]]
+
+
 def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) -> list[int]:
     """Teacher-forced keys retrieved (of `keys`) with b = 0..sentences filler sentences
     before the key line (short instruction, as the evaluation uses at small lengths)."""
@@ -85,9 +94,8 @@ def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) ->
     for before in range(sentences + 1):
         hits = 0
         for key in drawn:
-            text = retrieval.passkey_text(key, before, sentences - before,
-                                          retrieval.SHORT_INSTRUCTION)
-            prompt = np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)
+            prompt = np.asarray(layout_prompt(tokenizer, key, before, sentences - before),
+                                np.int32)
             hits += bool(teacher_forced_hits(forward, params, prompt,
                                              tokenizer.encode(f" {key}")).all())
         counts.append(hits)
@@ -141,17 +149,13 @@ def first_digit_attention(model_config, params, tokenizer, sentences: int,
     """
     import numpy as np
 
-    from lctx.eval import retrieval
-
     run = recorded_attention(model_config)
     rows = []
     for key in keys:
         answer = [int(t) for t in tokenizer.encode(f" {key}")]
         digits = answer[-len(key):]
         for after in range(sentences + 1):
-            text = retrieval.passkey_text(key, sentences - after, after,
-                                          retrieval.SHORT_INSTRUCTION)
-            prompt = [tokenizer.bos_id, *[int(t) for t in tokenizer.encode(text)]]
+            prompt = layout_prompt(tokenizer, key, sentences - after, after)
             ids = np.asarray(prompt + answer, np.int32)
             ids = np.concatenate([ids, np.zeros(-len(ids) % 8, np.int32)])[None]
             logits, layers = run(params, ids)
