@@ -74,23 +74,25 @@ class Mix:
     def from_config(cls, mix: Mapping[str, Any] | None) -> Mix | None:
         if not mix or not mix.get("fraction"):
             return None
-        return cls(float(mix["fraction"]), float(mix.get("passkey_share", 0.5)),
-                   str(mix.get("filler", "cycle")), float(mix.get("copy_share", 0.0)))
+        return cls(**{f.name: type(f.default)(mix[f.name])
+                      for f in dataclasses.fields(cls) if f.name in mix})
 
 
 def mix_problems(mix: Mapping[str, Any], prefix: str = "data.mix") -> list[str]:
     """One line per bad `data.mix.*` value."""
+    def value(name):
+        return mix.get(name, getattr(Mix, name))
+
     problems = []
-    fraction, share = mix.get("fraction", 0.0), mix.get("passkey_share", 0.5)
-    copy_share = mix.get("copy_share", 0.0)
+    fraction = value("fraction")
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
         problems.append(f"{prefix}.fraction={fraction!r}: expected a share of tokens in [0, 1)")
-    if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        problems.append(f"{prefix}.passkey_share={share!r}: expected a value in [0, 1]")
-    if not isinstance(copy_share, (int, float)) or not 0.0 <= copy_share <= 1.0:
-        problems.append(f"{prefix}.copy_share={copy_share!r}: expected a value in [0, 1]")
-    if mix.get("filler", "cycle") not in FILLERS:
-        problems.append(f"{prefix}.filler={mix.get('filler')!r}: expected one of {FILLERS}")
+    for name in ("passkey_share", "copy_share"):
+        share = value(name)
+        if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            problems.append(f"{prefix}.{name}={share!r}: expected a value in [0, 1]")
+    if value("filler") not in FILLERS:
+        problems.append(f"{prefix}.filler={value('filler')!r}: expected one of {FILLERS}")
     return problems
 
 
