@@ -31,6 +31,13 @@ def test_study_quick_and_eval_cli(tmp_path):
     assert by_method["ntk"]["ppl"]["64"]["ppl"] != by_method["none"]["ppl"]["64"]["ppl"]
     assert by_method["pi_ft"]["ppl"]["128"] != by_method["none_ft"]["ppl"]["128"]
     assert set(by_method["yarn_ft"]["ft_curve"]) == {"2"}
+    # The second pretraining stage starts from the first and the fine-tunes from it.
+    runs = out / "runs"
+    second = json.loads((runs / "base_s0_retrieval" / "config.json").read_text())
+    assert second["init_from"] == str(runs / "base_s0" / "export")
+    assert second["data"]["mix"]["passkey_share"] == 1.0 and second["data"]["whole_docs"]
+    finetune = json.loads((runs / "pi_ft_s0" / "config.json").read_text())
+    assert finetune["init_from"] == str(runs / "base_s0_retrieval" / "export")
     report = (out / "report.md").read_text()
     assert "| pi_ft | 1 |" in report and "Base model check" in report
     for name in ("ppl_vs_length.png", "passkey.png", "ft_curves.png"):

@@ -27,6 +27,11 @@ import study  # noqa: E402  (the study's sizes, config and training)
 
 _NAME = flags.DEFINE_string("name", "probe", "Run name under OUT/runs.")
 _STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps (a checkpoint every 100).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", "", "Continue from this lctx checkpoint (a run's export/) instead of from "
+    "scratch: a second pretraining stage with this command's mix.")
+_LR = flags.DEFINE_float("lr", None, "Peak learning rate (default: the study's pretrain_lr).")
+_CHECK = flags.DEFINE_bool("check", False, "Also run the study's base check on the last step.")
 _PROMPTS = flags.DEFINE_integer("prompts", 12, "Passkey prompts per checkpoint (depths 5-95%).")
 _HEADS = flags.DEFINE_integer(
     "heads", 0, "Instead: for a finished run (--name), where each attention head looks from "
@@ -195,10 +200,8 @@ def main(argv: list[str]) -> None:
     tokenizer_path = os.path.join(out, f"spm{s['vocab']}.model")
     if not os.path.isfile(tokenizer_path):
         raise SystemExit(f"passkey_probe: {tokenizer_path} missing: run study.py --out={out} first")
-    config = study.run_config(out, s, _NAME.value, 0, tokenizer_path, {"pretrain": dict(
-        seq_len=s["train_len"], batch_size=s["pretrain_batch"], steps=_STEPS.value,
-        learning_rate=s["pretrain_lr"], warmup_steps=max(1, _STEPS.value // 10))})
-    config.checkpoint.every_steps = 100
+    config = study.pretrain_config(out, s, _NAME.value, 0, tokenizer_path, _STEPS.value,
+                                   _LR.value or s["pretrain_lr"], _INIT_FROM.value)
     tokenizer = ld.make_tokenizer(config.data.tokenizer)
     if _HEADS.value:
         _, model_config, params, _, _ = load_run(config.workdir)
@@ -229,9 +232,20 @@ def main(argv: list[str]) -> None:
         results[step] = score(model_config, params, tokenizer, s["train_len"], _PROMPTS.value)
         print(f"step {step}: passkey@{s['train_len']} exact {results[step]['exact']:.2f}, "
               f"token accuracy {results[step]['token_accuracy']:.2f}", flush=True)
+    record = {key: s[key] for key in ("mix", "passkey_share", "copy_share", "filler",
+                                      "whole_docs")}
+    record |= {"init_from": _INIT_FROM.value, "lr": config.stages.pretrain.learning_rate,
+               "by_step": results}
+    if _CHECK.value:
+        from lctx.training.loop import open_run_corpus
+
+        corpus = open_run_corpus(config, os.path.abspath(config.workdir))
+        record["check"] = study.base_check(s, model_config, params, corpus, tokenizer)
+        c = record["check"]
+        print(f"base check: ppl@4x / ppl@1x {c['extrapolation_ratio']:.2f}, ppl@short / ppl@1x "
+              f"{c['context_gain']:.2f}: {'passes' if c['passes'] else 'FAILS'}", flush=True)
     with open(os.path.join(config.workdir, "passkey_probe.json"), "w") as f:
-        json.dump({key: s[key] for key in ("mix", "passkey_share", "copy_share", "filler",
-                                           "whole_docs")} | {"by_step": results}, f, indent=1)
+        json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

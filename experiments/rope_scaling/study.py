@@ -6,7 +6,9 @@
 Steps (each resumable: rerun the same command and finished parts are skipped):
 1. A SentencePiece tokenizer trained on the corpus's train split (lengths count its tokens).
 2. Per seed, the `small` model pretrained at 256 tokens with the synthetic retrieval
-   mix (lctx.data.synthetic).
+   mix (lctx.data.synthetic), then, when `retrieval_steps` (default 0), a second stage
+   at 256 on a passkey-heavy mix of whole documents: more retrieval training while
+   the first stage keeps enough real text for the base check (README, follow-up 4).
 3. The base check: plain extrapolation at 4x must have at least 2x the in-distribution
    perplexity, and perplexity at 256 must be well below that at 32 (a model that does
    not use its context shows no extrapolation failure worth repairing). Scored on
@@ -47,6 +49,14 @@ _FILLER = flags.DEFINE_enum(
 _WHOLE_DOCS = flags.DEFINE_bool(
     "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
     "(with plain packing about a quarter of the passkey questions lose their key).")
+_RETRIEVAL_STEPS = flags.DEFINE_integer(
+    "retrieval_steps", None, "Override the second pretraining stage's steps (0: no second "
+    "stage): the same length, the retrieval mix, whole documents.")
+_RETRIEVAL_MIX = flags.DEFINE_float("retrieval_mix", None, "Override its data.mix.fraction.")
+_RETRIEVAL_LR = flags.DEFINE_float("retrieval_lr", None, "Override its peak learning rate.")
+_FT_MIX = flags.DEFINE_enum(
+    "ft_mix", None, ["pretrain", "retrieval"], "The fine-tunes' data: the first pretraining "
+    "stage's mix (default) or the second stage's (retrieval mix, whole documents).")
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
@@ -55,12 +65,16 @@ FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
             ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
             copy_share=0.0, filler="cycle",
+            retrieval_steps=0, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
+            ft_mix="pretrain",
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
              ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
              copy_share=0.0, filler="cycle",
+             retrieval_steps=2, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
+             ft_mix="pretrain",
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128, block=32)
 
@@ -197,9 +211,61 @@ def evaluate(s: dict, model_config, params, corpus, tokenizer, lengths, tasks=("
     return out
 
 
+def pretrain(out: str, s: dict, seed: int, tokenizer: str):
+    """The base model: `pretrain_steps` on the study's mix, then, when `retrieval_steps`,
+    a second stage at the same length on the retrieval mix (whole documents), started
+    from the first's weights. Returns the last stage's config, model config, params and
+    its export directory (an lctx checkpoint the fine-tunes start from)."""
+    from lctx.convert.checkpoint import save_checkpoint
+    from lctx.eval.api import load_run
+
+    def stage_run(name, sizes, steps, lr, init_from=""):
+        config = pretrain_config(out, sizes, name, seed, tokenizer, steps, lr, init_from)
+        train(config)
+        _, model_config, params, _, _ = load_run(config.workdir)
+        export = os.path.join(config.workdir, "export")
+        if not os.path.isdir(export):
+            save_checkpoint(model_config, params, export)
+        return config, model_config, params, export
+
+    base = stage_run(f"base_s{seed}", s, s["pretrain_steps"], s["pretrain_lr"])
+    if not s["retrieval_steps"]:
+        return base
+    return stage_run(f"base_s{seed}_retrieval", retrieval_sizes(s), s["retrieval_steps"],
+                     s["retrieval_lr"], init_from=base[3])
+
+
+def pretrain_config(out: str, s: dict, name: str, seed: int, tokenizer: str, steps: int,
+                    lr: float, init_from: str = ""):
+    """One pretraining run at the training length: warmup 10%, cosine, checkpoints every 100."""
+    config = run_config(out, s, name, seed, tokenizer, {"pretrain": dict(
+        seq_len=s["train_len"], batch_size=s["pretrain_batch"], steps=steps, learning_rate=lr,
+        warmup_steps=max(1, steps // 10))}, init_from=init_from)
+    config.checkpoint.every_steps = 100
+    return config
+
+
+def retrieval_sizes(s: dict) -> dict:
+    """The sizes with the second stage's data: the retrieval mix, whole documents."""
+    return dict(s, mix=s["retrieval_mix"], passkey_share=s["retrieval_passkey_share"],
+                whole_docs=True)
+
+
+def base_check(s: dict, model_config, params, corpus, tokenizer) -> dict:
+    """Perplexity at the short length, 1x and 4x on `check_tokens` held-out tokens, the
+    two ratios and whether they pass (4x / 1x >= 2, short / 1x >= 1.3)."""
+    L, factor = s["train_len"], s["factor"]
+    r = evaluate(s, model_config, params, corpus, tokenizer, (s["short"], L, factor * L),
+                 tasks=("ppl",), max_tokens=s["check_tokens"])
+    p = {int(n): v["ppl"] for n, v in r["ppl"].items()}
+    r["extrapolation_ratio"] = p[factor * L] / p[L]
+    r["context_gain"] = p[s["short"]] / p[L]
+    r["passes"] = r["extrapolation_ratio"] >= 2.0 and r["context_gain"] >= 1.3
+    return r
+
+
 def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
     from lctx import data as ld
-    from lctx.convert.checkpoint import save_checkpoint
     from lctx.eval.api import load_run, with_rope_scaling
     from lctx.training.loop import open_run_corpus
 
@@ -216,26 +282,11 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
     L, factor = s["train_len"], s["factor"]
     for seed in seeds:
         base_seed = seeds[0] if _SHARE_BASE.value else seed
-        base_name = f"base_s{base_seed}"
-        base_cfg = run_config(out, s, base_name, base_seed, tok_path, {"pretrain": dict(
-            seq_len=L, batch_size=s["pretrain_batch"], steps=s["pretrain_steps"],
-            learning_rate=s["pretrain_lr"], warmup_steps=max(1, s["pretrain_steps"] // 10))})
-        base_cfg.checkpoint.every_steps = 100
-        train(base_cfg)
+        base_cfg, base_model, base_params, export = pretrain(out, s, base_seed, tok_path)
         corpus = open_run_corpus(base_cfg, os.path.abspath(base_cfg.workdir))
-        _, base_model, base_params, _, _ = load_run(base_cfg.workdir)
-        export = os.path.join(out, "runs", base_name, "export")
-        if not os.path.isdir(export):
-            save_checkpoint(base_model, base_params, export)
         if ("check", "base", base_seed) not in done:
-            r = evaluate(s, base_model, base_params, corpus, tokenizer,
-                         (s["short"], L, factor * L), tasks=("ppl",),
-                         max_tokens=s["check_tokens"])
-            p = {int(n): v["ppl"] for n, v in r["ppl"].items()}
-            record = {"kind": "check", "method": "base", "seed": base_seed, **r,
-                      "extrapolation_ratio": p[factor * L] / p[L],
-                      "context_gain": p[s["short"]] / p[L]}
-            record["passes"] = record["extrapolation_ratio"] >= 2.0 and record["context_gain"] >= 1.3
+            record = {"kind": "check", "method": "base", "seed": base_seed,
+                      **base_check(s, base_model, base_params, corpus, tokenizer)}
             _append(results_path, record)
             done[("check", "base", base_seed)] = record
         for name in names:
@@ -243,11 +294,13 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
                 continue
             m = table[name]
             if m["finetune"]:
-                ft_cfg = run_config(out, s, f"{name}_s{seed}", seed, tok_path, {"extend": dict(
+                extend = dict(
                     seq_len=factor * L, batch_size=s["ft_batch"], steps=s["ft_steps"],
                     learning_rate=s["ft_lr"], warmup_steps=max(1, s["ft_steps"] // 10),
-                    schedule="constant", min_doc_len=factor * L, rope_scaling=m["rope_scaling"])},
-                    init_from=export)
+                    schedule="constant", min_doc_len=factor * L, rope_scaling=m["rope_scaling"])
+                ft_sizes = retrieval_sizes(s) if s["ft_mix"] == "retrieval" else s
+                ft_cfg = run_config(out, ft_sizes, f"{name}_s{seed}", seed, tok_path,
+                                    {"extend": extend}, init_from=export)
                 train(ft_cfg)
                 _, model_config, params, _, _ = load_run(ft_cfg.workdir)
             else:
@@ -461,7 +514,9 @@ def sizes_from_flags() -> dict:
             sys.exit(2)
         s["ft_steps"] = _FT_STEPS.value
     for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE),
-                      ("copy_share", _COPY_SHARE), ("filler", _FILLER)):
+                      ("copy_share", _COPY_SHARE), ("filler", _FILLER),
+                      ("retrieval_steps", _RETRIEVAL_STEPS), ("retrieval_mix", _RETRIEVAL_MIX),
+                      ("retrieval_lr", _RETRIEVAL_LR), ("ft_mix", _FT_MIX)):
         if flag.value is not None:
             s[key] = flag.value
     s["whole_docs"] = _WHOLE_DOCS.value
