@@ -37,6 +37,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Pretraining seeds (each method 
 _METHODS = flags.DEFINE_list("methods", [], "Subset of methods (default: all).")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the pretraining steps.")
 _FT_STEPS = flags.DEFINE_integer("ft_steps", None, "Override the fine-tune steps (<= 200).")
+_FT_LR = flags.DEFINE_float("ft_lr", None, "Override the fine-tunes' (constant) learning rate.")
 _SHARE_BASE = flags.DEFINE_bool(
     "share_base", False, "Pretrain once (the first seed) and vary only the fine-tune data order "
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
@@ -513,10 +514,14 @@ def sizes_from_flags() -> dict:
             print(f"study: --ft_steps={_FT_STEPS.value}: expected 1..200", file=sys.stderr)
             sys.exit(2)
         s["ft_steps"] = _FT_STEPS.value
+    for name, flag in (("ft_lr", _FT_LR), ("retrieval_lr", _RETRIEVAL_LR)):
+        if flag.value is not None and not flag.value > 0:
+            print(f"study: --{name}={flag.value}: expected a learning rate > 0", file=sys.stderr)
+            sys.exit(2)
     for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE),
                       ("copy_share", _COPY_SHARE), ("filler", _FILLER),
                       ("retrieval_steps", _RETRIEVAL_STEPS), ("retrieval_mix", _RETRIEVAL_MIX),
-                      ("retrieval_lr", _RETRIEVAL_LR), ("ft_mix", _FT_MIX)):
+                      ("retrieval_lr", _RETRIEVAL_LR), ("ft_mix", _FT_MIX), ("ft_lr", _FT_LR)):
         if flag.value is not None:
             s[key] = flag.value
     s["whole_docs"] = _WHOLE_DOCS.value
