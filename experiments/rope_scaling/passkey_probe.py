@@ -197,6 +197,8 @@ def main(argv: list[str]) -> None:
 
     out = flags.FLAGS.out
     s = study.sizes_from_flags()
+    if _LR.value is not None and not _LR.value > 0:
+        raise SystemExit(f"passkey_probe: --lr={_LR.value}: expected a learning rate > 0")
     tokenizer_path = os.path.join(out, f"spm{s['vocab']}.model")
     if not os.path.isfile(tokenizer_path):
         raise SystemExit(f"passkey_probe: {tokenizer_path} missing: run study.py --out={out} first")

@@ -518,6 +518,10 @@ def sizes_from_flags() -> dict:
         if flag.value is not None and not flag.value > 0:
             print(f"study: --{name}={flag.value}: expected a learning rate > 0", file=sys.stderr)
             sys.exit(2)
+    if _RETRIEVAL_STEPS.value is not None and _RETRIEVAL_STEPS.value < 0:
+        print(f"study: --retrieval_steps={_RETRIEVAL_STEPS.value}: expected >= 0 (0: no second "
+              "stage)", file=sys.stderr)
+        sys.exit(2)
     for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE),
                       ("copy_share", _COPY_SHARE), ("filler", _FILLER),
                       ("retrieval_steps", _RETRIEVAL_STEPS), ("retrieval_mix", _RETRIEVAL_MIX),
