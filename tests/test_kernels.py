@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,10 +106,10 @@ def run_case(impl: str, case: Case, **extra):
     w_o = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
     with mesh_context(mesh):
-        got = under_test(q, k, v)
+        got = jax.jit(under_test)(q, k, v)
         got_grads = jax.jit(jax.grad(loss_of(under_test, w_o, w_lse), argnums=(0, 1, 2)))(q, k, v)
-    want = oracle(q, k, v)
-    want_grads = jax.grad(loss_of(oracle, w_o, w_lse), argnums=(0, 1, 2))(q, k, v)
+    want = jax.jit(oracle)(q, k, v)
+    want_grads = jax.jit(jax.grad(loss_of(oracle, w_o, w_lse), argnums=(0, 1, 2)))(q, k, v)
     return got, want, got_grads, want_grads
 
 
@@ -227,15 +228,17 @@ def test_block_seam_merges_and_uses_global_lse():
     opts = dict(causal=True, sliding_window=24)
     halves = [slice(0, s // 2), slice(s // 2, s)]
 
-    parts = [kernels.block_fwd(q, k[:, sl], v[:, sl], pos, pos[:, sl], seg, seg[:, sl], block_q=16, block_k=8, **opts)
+    block_fwd = jax.jit(functools.partial(kernels.block_fwd, block_q=16, block_k=8, **opts))
+    block_bwd = jax.jit(functools.partial(kernels.block_bwd, block_q=16, block_k=8, **opts))
+    parts = [block_fwd(q, k[:, sl], v[:, sl], pos, pos[:, sl], seg, seg[:, sl])
              for sl in halves]
     o, lse = kernels.merge_partials(*parts[0], *parts[1])
     o_ref, lse_ref = kernels.reference_attention(q, k, v, segment_ids=seg, return_lse=True, **opts)
     assert max_abs(o, o_ref) < 1e-5 and max_abs(lse, lse_ref) < 1e-5
 
     do = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    grads = [kernels.block_bwd(q, k[:, sl], v[:, sl], pos, pos[:, sl], seg, seg[:, sl], o_ref, lse_ref, do,
-                               block_q=16, block_k=8, **opts) for sl in halves]
+    grads = [block_bwd(q, k[:, sl], v[:, sl], pos, pos[:, sl], seg, seg[:, sl], o_ref, lse_ref, do)
+             for sl in halves]
     dq = grads[0][0] + grads[1][0]
     dk = jnp.concatenate([grads[0][1], grads[1][1]], axis=1)
     dv = jnp.concatenate([grads[0][2], grads[1][2]], axis=1)

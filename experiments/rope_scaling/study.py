@@ -61,7 +61,8 @@ _FT_MIX = flags.DEFINE_enum(
 _REPORT = flags.DEFINE_bool("report", True, "Write OUT/report.md and plots at the end.")
 _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experiments/rope_scaling).")
 
-# Sizes. Full: the study on a 2-core CPU. Quick: seconds per part.
+# Sizes. Full: the study on a 2-core CPU. Quick: seconds per part (each run's
+# time is mostly compiling, hence its dense attention).
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
             ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
@@ -69,7 +70,8 @@ FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             retrieval_steps=0, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
             ft_mix="pretrain",
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
-            check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048, block=256)
+            check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048,
+            attention="blockwise", block=256)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
              ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
@@ -77,7 +79,8 @@ QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2
              retrieval_steps=2, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
              ft_mix="pretrain",
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
-             check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128, block=32)
+             check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128,
+             attention="reference", block=0)  # dense: a third of the compile time at 128 tokens
 
 
 def methods(s: dict) -> dict[str, dict[str, Any]]:
@@ -129,8 +132,10 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
     c.init_from = init_from
     c.model.preset = s["preset"]
     c.model.max_position_embeddings = s["train_len"]  # dynamic NTK's L: the training length
-    c.model.attention_options.block_q = s["block"]
-    c.model.attention_options.block_k = s["block"]
+    c.model.attention_impl = s["attention"]
+    if s["attention"] == "blockwise":
+        c.model.attention_options.block_q = s["block"]
+        c.model.attention_options.block_k = s["block"]
     c.data.corpus_dir = _corpus_dir(s)
     c.data.tfds_data_dir = os.path.join(out, "tfds")
     c.data.tokenizer = f"sentencepiece:{tokenizer}"
