@@ -283,6 +283,35 @@ def test_copy_documents_repeat_a_random_sequence():
         "data.mix.copy_share=-1: expected a value in [0, 1]"]
 
 
+def _key_distances(doc_length: str, seq_len: int = 1024, n: int = 300):
+    """Bytes from each passkey training document's key line to its end, and its length."""
+    distances, lengths = [], []
+    for index in range(n):
+        ids = synthetic.synthetic_record(index, {"text": ""}, tokenizer=BYTE, text_key="text",
+                                         seq_len=seq_len, min_doc_len=0, passkey_share=1.0,
+                                         seed=0, doc_length=doc_length)
+        text = BYTE.decode(ids[1:-1])
+        key = text.rsplit(" ", 1)[1].rstrip(".")
+        distances.append(len(text) - text.index(retrieval.KEY_LINE.format(key=key)))
+        lengths.append(len(ids))
+    return np.array(distances), np.array(lengths)
+
+
+def test_full_length_documents_spread_the_key_over_the_whole_row():
+    """Random lengths in [seq_len / 4, seq_len] with a uniform depth put the key more than
+    half a row back in under a fifth of the documents ((1 - ln 2) * 2/3 without the fixed
+    text); full rows in about half."""
+    random_distances, random_lengths = _key_distances("random")
+    full_distances, full_lengths = _key_distances("full")
+    longest_filler = max(len(s) for s in retrieval.FILLER) + 1
+    assert (full_lengths <= 1024).all() and (full_lengths > 1024 - longest_filler - 2).all()
+    assert random_lengths.min() < 400 and random_lengths.max() <= 1024
+    assert np.mean(random_distances > 512) < 0.25 < 0.35 < np.mean(full_distances > 512)
+    assert np.mean(full_distances > 820) > 0.07 > 0.03 > np.mean(random_distances > 820)
+    assert synthetic.mix_problems({"fraction": 0.1, "doc_length": "long"}) == [
+        "data.mix.doc_length='long': expected one of ('random', 'full')"]
+
+
 def test_mix_fraction_of_tokens_and_resume():
     src = [{"text": ("def f%d(x):\n    return x + %d\n" % (i, i)) * 8} for i in range(30)]
     mix = synthetic.Mix(fraction=0.3, passkey_share=0.5)

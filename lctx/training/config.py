@@ -63,6 +63,7 @@ def base_config() -> ConfigDict:
     c.data.mix.passkey_share = 0.5  # share of synthetic documents in passkey format (rest needle)
     c.data.mix.filler = "cycle"  # cycle (the eval's fixed filler) | shuffled (random sentences)
     c.data.mix.copy_share = 0.0  # share of synthetic documents that repeat a random sequence
+    c.data.mix.doc_length = "random"  # random (seq_len/4..seq_len tokens) | full (whole rows)
 
     c.stage_order = ()  # stage names in the order they run (ConfigDict sorts its keys)
     c.stages = ConfigDict()
