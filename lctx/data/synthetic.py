@@ -30,7 +30,9 @@ stage's min_doc_len; doc_length="random"), or fills a whole row (doc_length="ful
 With random lengths and a uniform depth, the key sits more than half a row before the
 question in under a fifth of the passkey documents and more than 0.8 rows before it in
 under 3%; full rows make that distance uniform over the whole training
-length, which is what the evaluation's full-length prompts ask for. Every document is
+length, which is what the evaluation's full-length prompts ask for (it slowed the RoPE
+study's small model's learning of retrieval: experiments/rope_scaling/README.md,
+follow-up 7). Every document is
 a pure function of (seed, shard, index): the stream stays deterministic and its
 iterator state checkpointable.
 """
