@@ -109,8 +109,7 @@ def mix_problems(mix: Mapping[str, Any], prefix: str = "data.mix") -> list[str]:
     return problems
 
 
-def _budget(rng: np.random.Generator, seq_len: int, min_doc_len: int,
-            doc_length: str = "random") -> int:
+def _budget(rng: np.random.Generator, seq_len: int, min_doc_len: int, doc_length: str) -> int:
     low = max(seq_len // 4, min_doc_len + 2, 16)
     if doc_length == "full":
         return max(low, seq_len)
