@@ -36,6 +36,10 @@ _PROMPTS = flags.DEFINE_integer("prompts", 12, "Passkey prompts per checkpoint (
 _HEADS = flags.DEFINE_integer(
     "heads", 0, "Instead: for a finished run (--name), where each attention head looks from "
     "the answer's first token in prompts of this many filler sentences (first_digit_attention).")
+_EXTEND = flags.DEFINE_list(
+    "extend", [], "Instead: for a finished run (--name), fine-tune it with each of these study "
+    "methods (e.g. none_ft,pi_ft,yarn_ft) as study.py does, on this command's mix, then score "
+    "them, plain RoPE and dynamic NTK on passkey at the study's lengths (extend()).")
 _LAYOUTS = flags.DEFINE_integer(
     "layouts", 0, "Instead: for a finished run (--name), keys retrieved of 4 for every "
     "placement of the key line in a prompt of this many filler sentences.")
@@ -190,6 +194,47 @@ def first_digit_attention(model_config, params, tokenizer, sentences: int,
     return rows
 
 
+def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
+    """Does the probe's retrieval survive extension? Each method in `finetunes` fine-tunes
+    the finished probe (`config`'s run) exactly as in the study, on the probe's own mix;
+    then every one of them, plain RoPE (`none`) and dynamic NTK score passkey at each of
+    the study's lengths: teacher-forced over `--prompts` depths (score()) and greedy as
+    the study does (its depths x trials keys), at the lengths a prompt fits. Returns {method: {"teacher_forced": {length:
+    exact}, "greedy": {length: accuracy}}}, also written to the run's extend.json."""
+    from lctx.convert.checkpoint import save_checkpoint
+    from lctx.eval import retrieval
+    from lctx.eval.api import load_run, with_rope_scaling
+    from lctx.training.loop import open_run_corpus
+
+    table = study.methods(s)
+    _, base_model, base_params, _, _ = load_run(config.workdir)
+    export = os.path.join(config.workdir, "export")
+    if not os.path.isdir(export):
+        save_checkpoint(base_model, base_params, export)
+    corpus = open_run_corpus(config, os.path.abspath(config.workdir))
+    models = {name: (with_rope_scaling(base_model, table[name]["rope_scaling"]), base_params)
+              for name in ("none", "dynamic")}
+    for name in finetunes:
+        ft = study.finetune_config(out, s, f"{_NAME.value}_{name}", 0, config.data.tokenizer
+                                   .removeprefix("sentencepiece:"),
+                                   table[name]["rope_scaling"], export)
+        study.train(ft)
+        models[name] = load_run(ft.workdir)[1:3]
+    results = {}
+    for name, (model_config, params) in models.items():
+        greedy = study.evaluate(s, model_config, params, corpus, tokenizer, s["lengths"],
+                                tasks=("passkey",))["passkey"]
+        forced = {n: score(model_config, params, tokenizer, n, _PROMPTS.value)["exact"]
+                  for n in s["lengths"] if retrieval.passkey_prompt(tokenizer, n, 0.5, "12345")}
+        results[name] = {"teacher_forced": forced, "greedy": greedy}
+        print(f"{name}: passkey by length, teacher-forced " + ", ".join(
+            f"{n}: {v:.2f}" for n, v in forced.items()) + "; greedy " + ", ".join(
+            f"{n}: {v:.2f}" for n, v in greedy.items()), flush=True)
+    with open(os.path.join(config.workdir, "extend.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
 def main(argv: list[str]) -> None:
     del argv
     from lctx import data as ld
@@ -220,6 +265,15 @@ def main(argv: list[str]) -> None:
         off = [r["retrieved"] for r in rows if r["head_on_first_digit"] < 0.5]
         print(f"retrieved in {sum(on)} of {len(on)} prompts where the head puts at least half "
               f"its attention on the first digit, in {sum(off)} of {len(off)} elsewhere")
+        return
+    if _EXTEND.value:
+        table = study.methods(s)
+        bad = [n for n in _EXTEND.value if not table.get(n, {}).get("finetune")]
+        if bad:
+            raise SystemExit(f"passkey_probe: --extend={','.join(_EXTEND.value)}: {bad} are not "
+                             f"fine-tuned methods; allowed: "
+                             f"{', '.join(n for n, m in table.items() if m['finetune'])}")
+        extend(out, s, config, tokenizer, _EXTEND.value)
         return
     if _LAYOUTS.value:
         _, model_config, params, _, _ = load_run(config.workdir)

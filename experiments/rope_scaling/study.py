@@ -256,6 +256,17 @@ def pretrain_config(out: str, s: dict, name: str, seed: int, tokenizer: str, ste
     return config
 
 
+def finetune_config(out: str, s: dict, name: str, seed: int, tokenizer: str,
+                    rope_scaling: dict | None, init_from: str):
+    """One extension fine-tune from `init_from`: `ft_steps` at factor x the training length,
+    constant lr after 10% warmup, windows from documents at least that long."""
+    n = s["factor"] * s["train_len"]
+    return run_config(out, s, name, seed, tokenizer, {"extend": dict(
+        seq_len=n, batch_size=s["ft_batch"], steps=s["ft_steps"], learning_rate=s["ft_lr"],
+        warmup_steps=max(1, s["ft_steps"] // 10), schedule="constant", min_doc_len=n,
+        rope_scaling=rope_scaling)}, init_from=init_from)
+
+
 def retrieval_sizes(s: dict) -> dict:
     """The sizes with the second stage's data: the retrieval mix, whole documents."""
     return dict(s, mix=s["retrieval_mix"], passkey_share=s["retrieval_passkey_share"],
@@ -305,13 +316,9 @@ def study(out: str, s: dict, seeds: list[int], names: list[str]) -> None:
                 continue
             m = table[name]
             if m["finetune"]:
-                extend = dict(
-                    seq_len=factor * L, batch_size=s["ft_batch"], steps=s["ft_steps"],
-                    learning_rate=s["ft_lr"], warmup_steps=max(1, s["ft_steps"] // 10),
-                    schedule="constant", min_doc_len=factor * L, rope_scaling=m["rope_scaling"])
                 ft_sizes = retrieval_sizes(s) if s["ft_mix"] == "retrieval" else s
-                ft_cfg = run_config(out, ft_sizes, f"{name}_s{seed}", seed, tok_path,
-                                    {"extend": extend}, init_from=export)
+                ft_cfg = finetune_config(out, ft_sizes, f"{name}_s{seed}", seed, tok_path,
+                                         m["rope_scaling"], export)
                 train(ft_cfg)
                 _, model_config, params, _, _ = load_run(ft_cfg.workdir)
             else:
