@@ -45,13 +45,16 @@ _LAYOUTS = flags.DEFINE_integer(
     "placement of the key line in a prompt of this many filler sentences.")
 
 
-def teacher_forced_hits(forward, params, prompt, answer):
+def teacher_forced_hits(model_config, forward, params, prompt, answer):
     """bool `[len(answer)]`: whether the argmax after prompt + answer[:i] is answer[i]."""
     import jax.numpy as jnp
     import numpy as np
 
+    from lctx.infer.generate import prefill_length
+
     ids = np.concatenate([prompt, answer])
-    ids = np.concatenate([ids, np.zeros(-len(ids) % 8, ids.dtype)])  # block-divisible
+    padded = prefill_length(model_config, len(ids))  # the attention's tiles divide it
+    ids = np.concatenate([ids, np.zeros(padded - len(ids), ids.dtype)])  # causal: unread
     predicted = np.asarray(jnp.argmax(forward(params, jnp.asarray(ids[None]))[0], -1))
     n = len(prompt)
     return predicted[n - 1:n - 1 + len(answer)] == np.asarray(answer)
@@ -73,7 +76,8 @@ def score(model_config, params, tokenizer, length: int, prompts: int) -> dict:
         prompt = retrieval.passkey_prompt(tokenizer, length, float(depth), key)
         if prompt is None:
             raise SystemExit(f"passkey_probe: no passkey prompt fits {length} tokens")
-        hits = teacher_forced_hits(forward, params, prompt.ids, tokenizer.encode(f" {key}"))
+        hits = teacher_forced_hits(model_config, forward, params, prompt.ids,
+                                   tokenizer.encode(f" {key}"))
         exact.append(bool(hits.all()))
         token_hits.append(float(hits.mean()))
     return {"exact": float(np.mean(exact)), "token_accuracy": float(np.mean(token_hits))}
@@ -105,7 +109,7 @@ def by_layout(model_config, params, tokenizer, sentences: int, keys: int = 4) ->
         for key in drawn:
             prompt = np.asarray(layout_prompt(tokenizer, key, before, sentences - before),
                                 np.int32)
-            hits += bool(teacher_forced_hits(forward, params, prompt,
+            hits += bool(teacher_forced_hits(model_config, forward, params, prompt,
                                              tokenizer.encode(f" {key}")).all())
         counts.append(hits)
     return counts
@@ -196,40 +200,60 @@ def first_digit_attention(model_config, params, tokenizer, sentences: int,
 
 def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
     """Does the probe's retrieval survive extension? Each method in `finetunes` fine-tunes
-    the finished probe (`config`'s run) exactly as in the study, on the probe's own mix;
-    then every one of them, plain RoPE (`none`) and dynamic NTK score passkey at each of
-    the study's lengths: teacher-forced over `--prompts` depths (score()) and greedy as
-    the study does (its depths x trials keys), at the lengths a prompt fits. Returns {method: {"teacher_forced": {length:
-    exact}, "greedy": {length: accuracy}}}, also written to the run's extend.json."""
+    the finished probe (`config`'s run) exactly as in the study, on the probe's own mix.
+    Scored on passkey at each of the study's lengths where a prompt fits, teacher-forced
+    over `--prompts` depths (score()) and greedy as the study does (its depths x trials
+    keys): the fine-tunes, plain RoPE (`none`), dynamic NTK, and each fine-tune's scaling
+    on the probe's weights before any fine-tuning (`<rope_type>_zero_shot`); and every
+    fine-tune checkpoint teacher-forced at the training length (`by_step`). Returns
+    {model: {"teacher_forced": {length: exact}, "greedy": {length: accuracy}[, "by_step":
+    {step: exact}]}}, also written to the run's extend.json."""
     from lctx.convert.checkpoint import save_checkpoint
     from lctx.eval import retrieval
     from lctx.eval.api import load_run, with_rope_scaling
     from lctx.training.loop import open_run_corpus
 
+    lengths = [n for n in s["lengths"] if retrieval.passkey_prompt(tokenizer, n, 0.5, "12345")]
+    if not lengths:
+        raise SystemExit(f"passkey_probe: --extend: no passkey prompt fits any of the lengths "
+                         f"{s['lengths']}")
     table = study.methods(s)
     _, base_model, base_params, _, _ = load_run(config.workdir)
     export = os.path.join(config.workdir, "export")
     if not os.path.isdir(export):
         save_checkpoint(base_model, base_params, export)
     corpus = open_run_corpus(config, os.path.abspath(config.workdir))
-    models = {name: (with_rope_scaling(base_model, table[name]["rope_scaling"]), base_params)
-              for name in ("none", "dynamic")}
+    scalings = {"none": None, "dynamic": table["dynamic"]["rope_scaling"]}
+    scalings |= {f"{table[n]['rope_scaling']['rope_type']}_zero_shot": table[n]["rope_scaling"]
+                 for n in finetunes if table[n]["rope_scaling"]}
+    models = {name: (with_rope_scaling(base_model, scaling), base_params)
+              for name, scaling in scalings.items()}
+    workdirs = {}
     for name in finetunes:
         ft = study.finetune_config(out, s, f"{_NAME.value}_{name}", 0, config.data.tokenizer
                                    .removeprefix("sentencepiece:"),
                                    table[name]["rope_scaling"], export)
         study.train(ft)
         models[name] = load_run(ft.workdir)[1:3]
+        workdirs[name] = ft.workdir
     results = {}
     for name, (model_config, params) in models.items():
-        greedy = study.evaluate(s, model_config, params, corpus, tokenizer, s["lengths"],
+        greedy = study.evaluate(s, model_config, params, corpus, tokenizer, lengths,
                                 tasks=("passkey",))["passkey"]
         forced = {n: score(model_config, params, tokenizer, n, _PROMPTS.value)["exact"]
-                  for n in s["lengths"] if retrieval.passkey_prompt(tokenizer, n, 0.5, "12345")}
+                  for n in lengths}
         results[name] = {"teacher_forced": forced, "greedy": greedy}
         print(f"{name}: passkey by length, teacher-forced " + ", ".join(
             f"{n}: {v:.2f}" for n, v in forced.items()) + "; greedy " + ", ".join(
             f"{n}: {v:.2f}" for n, v in greedy.items()), flush=True)
+        if name in workdirs:
+            results[name]["by_step"] = by_step = {}
+            for step in study._checkpoint_steps(workdirs[name]):
+                step_config, step_params = load_run(workdirs[name], step)[1:3]
+                by_step[step] = score(step_config, step_params, tokenizer, s["train_len"],
+                                      _PROMPTS.value)["exact"]
+            print(f"{name}: teacher-forced at {s['train_len']} after k fine-tune steps " +
+                  ", ".join(f"{k}: {v:.2f}" for k, v in by_step.items()), flush=True)
     with open(os.path.join(config.workdir, "extend.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
