@@ -39,7 +39,7 @@ _HEADS = flags.DEFINE_integer(
 _EXTEND = flags.DEFINE_list(
     "extend", [], "Instead: for a finished run (--name), fine-tune it with each of these study "
     "methods (e.g. none_ft,pi_ft,yarn_ft) as study.py does, on this command's mix, then score "
-    "them, plain RoPE and dynamic NTK on passkey at the study's lengths (extend()).")
+    "passkey at the study's lengths with and without each fine-tune (extend()).")
 _LAYOUTS = flags.DEFINE_integer(
     "layouts", 0, "Instead: for a finished run (--name), keys retrieved of 4 for every "
     "placement of the key line in a prompt of this many filler sentences.")
@@ -198,7 +198,8 @@ def first_digit_attention(model_config, params, tokenizer, sentences: int,
     return rows
 
 
-def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
+def extend(out: str, s: dict, config, tokenizer, tokenizer_path: str,
+           finetunes: list[str]) -> dict:
     """Does the probe's retrieval survive extension? Each method in `finetunes` fine-tunes
     the finished probe (`config`'s run) exactly as in the study, on the probe's own mix.
     Scored on passkey at each of the study's lengths where a prompt fits, teacher-forced
@@ -208,7 +209,6 @@ def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
     fine-tune checkpoint teacher-forced at the training length (`by_step`). Returns
     {model: {"teacher_forced": {length: exact}, "greedy": {length: accuracy}[, "by_step":
     {step: exact}]}}, also written to the run's extend.json."""
-    from lctx.convert.checkpoint import save_checkpoint
     from lctx.eval import retrieval
     from lctx.eval.api import load_run, with_rope_scaling
     from lctx.training.loop import open_run_corpus
@@ -219,9 +219,7 @@ def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
                          f"{s['lengths']}")
     table = study.methods(s)
     _, base_model, base_params, _, _ = load_run(config.workdir)
-    export = os.path.join(config.workdir, "export")
-    if not os.path.isdir(export):
-        save_checkpoint(base_model, base_params, export)
+    export = study.ensure_export(config.workdir, base_model, base_params)
     corpus = open_run_corpus(config, os.path.abspath(config.workdir))
     scalings = {"none": None, "dynamic": table["dynamic"]["rope_scaling"]}
     scalings |= {f"{table[n]['rope_scaling']['rope_type']}_zero_shot": table[n]["rope_scaling"]
@@ -230,8 +228,7 @@ def extend(out: str, s: dict, config, tokenizer, finetunes: list[str]) -> dict:
               for name, scaling in scalings.items()}
     workdirs = {}
     for name in finetunes:
-        ft = study.finetune_config(out, s, f"{_NAME.value}_{name}", 0, config.data.tokenizer
-                                   .removeprefix("sentencepiece:"),
+        ft = study.finetune_config(out, s, f"{_NAME.value}_{name}", 0, tokenizer_path,
                                    table[name]["rope_scaling"], export)
         study.train(ft)
         models[name] = load_run(ft.workdir)[1:3]
@@ -297,7 +294,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"passkey_probe: --extend={','.join(_EXTEND.value)}: {bad} are not "
                              f"fine-tuned methods; allowed: "
                              f"{', '.join(n for n, m in table.items() if m['finetune'])}")
-        extend(out, s, config, tokenizer, _EXTEND.value)
+        extend(out, s, config, tokenizer, tokenizer_path, _EXTEND.value)
         return
     if _LAYOUTS.value:
         _, model_config, params, _, _ = load_run(config.workdir)

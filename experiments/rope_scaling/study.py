@@ -227,23 +227,30 @@ def pretrain(out: str, s: dict, seed: int, tokenizer: str):
     a second stage at the same length on the retrieval mix (whole documents), started
     from the first's weights. Returns the last stage's config, model config, params and
     its export directory (an lctx checkpoint the fine-tunes start from)."""
-    from lctx.convert.checkpoint import save_checkpoint
     from lctx.eval.api import load_run
 
     def stage_run(name, sizes, steps, lr, init_from=""):
         config = pretrain_config(out, sizes, name, seed, tokenizer, steps, lr, init_from)
         train(config)
         _, model_config, params, _, _ = load_run(config.workdir)
-        export = os.path.join(config.workdir, "export")
-        if not os.path.isdir(export):
-            save_checkpoint(model_config, params, export)
-        return config, model_config, params, export
+        return config, model_config, params, ensure_export(config.workdir, model_config, params)
 
     base = stage_run(f"base_s{seed}", s, s["pretrain_steps"], s["pretrain_lr"])
     if not s["retrieval_steps"]:
         return base
     return stage_run(f"base_s{seed}_retrieval", retrieval_sizes(s), s["retrieval_steps"],
                      s["retrieval_lr"], init_from=base[3])
+
+
+def ensure_export(workdir: str, model_config, params) -> str:
+    """workdir/export: the run's final weights as an lctx checkpoint a fine-tune can start
+    from (written once)."""
+    from lctx.convert.checkpoint import save_checkpoint
+
+    export = os.path.join(workdir, "export")
+    if not os.path.isdir(export):
+        save_checkpoint(model_config, params, export)
+    return export
 
 
 def pretrain_config(out: str, s: dict, name: str, seed: int, tokenizer: str, steps: int,
