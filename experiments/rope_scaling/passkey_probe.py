@@ -213,11 +213,16 @@ def extend(out: str, s: dict, config, tokenizer, tokenizer_path: str,
     from lctx.eval.api import load_run, with_rope_scaling
     from lctx.training.loop import open_run_corpus
 
+    table = study.methods(s)
+    bad = [n for n in finetunes if not table.get(n, {}).get("finetune")]
+    if bad:
+        raise SystemExit(f"passkey_probe: --extend={','.join(finetunes)}: {bad} are not "
+                         f"fine-tuned methods; allowed: "
+                         f"{', '.join(n for n, m in table.items() if m['finetune'])}")
     lengths = [n for n in s["lengths"] if retrieval.passkey_prompt(tokenizer, n, 0.5, "12345")]
     if not lengths:
         raise SystemExit(f"passkey_probe: --extend: no passkey prompt fits any of the lengths "
                          f"{s['lengths']}")
-    table = study.methods(s)
     _, base_model, base_params, _, _ = load_run(config.workdir)
     export = study.ensure_export(config.workdir, base_model, base_params)
     corpus = open_run_corpus(config, os.path.abspath(config.workdir))
@@ -288,12 +293,6 @@ def main(argv: list[str]) -> None:
               f"its attention on the first digit, in {sum(off)} of {len(off)} elsewhere")
         return
     if _EXTEND.value:
-        table = study.methods(s)
-        bad = [n for n in _EXTEND.value if not table.get(n, {}).get("finetune")]
-        if bad:
-            raise SystemExit(f"passkey_probe: --extend={','.join(_EXTEND.value)}: {bad} are not "
-                             f"fine-tuned methods; allowed: "
-                             f"{', '.join(n for n, m in table.items() if m['finetune'])}")
         extend(out, s, config, tokenizer, tokenizer_path, _EXTEND.value)
         return
     if _LAYOUTS.value:
