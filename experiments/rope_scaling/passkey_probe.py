@@ -40,6 +40,10 @@ _EXTEND = flags.DEFINE_list(
     "extend", [], "Instead: for a finished run (--name), fine-tune it with each of these study "
     "methods (e.g. none_ft,pi_ft,yarn_ft) as study.py does, on this command's mix, then score "
     "passkey at the study's lengths with and without each fine-tune (extend()).")
+_BANDS = flags.DEFINE_bool(
+    "bands", False, "Instead: for a finished run (--name), teacher-forced passkey at the "
+    "training length with the study's factor applied to some wavelengths only "
+    "(band_scalings()).")
 _LAYOUTS = flags.DEFINE_integer(
     "layouts", 0, "Instead: for a finished run (--name), keys retrieved of 4 for every "
     "placement of the key line in a prompt of this many filler sentences.")
@@ -198,6 +202,29 @@ def first_digit_attention(model_config, params, tokenizer, sentences: int,
     return rows
 
 
+def band_scalings(model_config, factor: float, length: int,
+                  edges=(8, 16, 32, 64, 128, 256)) -> dict:
+    """{name: rope_scaling}: position interpolation (every angle / factor) on the frequency
+    pairs whose wavelength 2 pi / theta_i, in tokens, lies in one band between `edges`
+    (`8-16`, ...) or above one edge (`>=8`, ...; `>=0` is PI), the rest left as trained.
+    Each is a `longrope` scaling with the same per-pair factors at every length and no
+    attention temperature, so it changes exactly those rotations."""
+    import numpy as np
+
+    from lctx.model.rope import inverse_frequencies
+
+    inv_freq, _ = inverse_frequencies(model_config.rope, model_config.head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    bounds = (0, *edges, np.inf)
+    selections = {f"{lo}-{hi}" if hi < np.inf else f">={lo}": (wavelength >= lo) & (wavelength < hi)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])}
+    selections |= {f">={lo}": wavelength >= lo for lo in bounds[:-1]}
+    return {name: {"rope_type": "longrope", "short_factor": list(np.where(chosen, factor, 1.0)),
+                   "long_factor": list(np.where(chosen, factor, 1.0)), "attention_factor": 1.0,
+                   "original_max_position_embeddings": length}
+            for name, chosen in selections.items()}
+
+
 def extend(out: str, s: dict, config, tokenizer, tokenizer_path: str,
            finetunes: list[str]) -> dict:
     """Does the probe's retrieval survive extension? Each method in `finetunes` fine-tunes
@@ -294,6 +321,21 @@ def main(argv: list[str]) -> None:
         return
     if _EXTEND.value:
         extend(out, s, config, tokenizer, tokenizer_path, _EXTEND.value)
+        return
+    if _BANDS.value:
+        from lctx.eval.api import with_rope_scaling
+
+        _, model_config, params, _, _ = load_run(config.workdir)
+        L = s["train_len"]
+        results = {"none": score(model_config, params, tokenizer, L, _PROMPTS.value)["exact"]}
+        for name, scaling in band_scalings(model_config, float(s["factor"]), L).items():
+            results[name] = score(with_rope_scaling(model_config, scaling), params, tokenizer,
+                                  L, _PROMPTS.value)["exact"]
+        print(f"{_NAME.value}: teacher-forced passkey at {L}, angles / {s['factor']} on the "
+              "wavelengths (tokens) named: " +
+              ", ".join(f"{n}: {v:.2f}" for n, v in results.items()))
+        with open(os.path.join(config.workdir, "bands.json"), "w") as f:
+            json.dump(results, f, indent=1)
         return
     if _LAYOUTS.value:
         _, model_config, params, _, _ = load_run(config.workdir)
