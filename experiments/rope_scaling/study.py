@@ -75,7 +75,7 @@ FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             ft_mix="pretrain",
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
             check_tokens=16384, depths=(0.1, 0.5, 0.9), trials=3, curve_tokens=2048,
-            attention="blockwise", block=256)
+            attention="blockwise", block=256, validation_fraction=0.05)
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
              ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
@@ -84,7 +84,8 @@ QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2
              ft_mix="pretrain",
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128,
-             attention="reference", block=0)  # dense: a third of the compile time at 128 tokens
+             attention="reference", block=0,  # dense: a third of the compile time at 128 tokens
+             validation_fraction=0.25)
 
 
 def methods(s: dict) -> dict[str, dict[str, Any]]:
@@ -119,7 +120,7 @@ def ensure_tokenizer(out: str, s: dict) -> str:
     path = os.path.join(out, f"spm{s['vocab']}.model")
     if not os.path.isfile(path):
         spec = CorpusSpec.from_dir(_corpus_dir(s) or "stdlib", ["*"])
-        texts = (text for _, text in iter_texts(spec, "train", 0.25 if _QUICK.value else 0.05))
+        texts = (text for _, text in iter_texts(spec, "train", s["validation_fraction"]))
         train_sentencepiece(texts, s["vocab"], path)
     return path
 
@@ -143,8 +144,7 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
     c.data.corpus_dir = _corpus_dir(s)
     c.data.tfds_data_dir = os.path.join(out, "tfds")
     c.data.tokenizer = f"sentencepiece:{tokenizer}"
-    if _QUICK.value:
-        c.data.validation_fraction = 0.25
+    c.data.validation_fraction = s["validation_fraction"]
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
     c.data.mix.filler = s["filler"]
