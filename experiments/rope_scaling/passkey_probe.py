@@ -215,14 +215,17 @@ def band_scalings(model_config, factor: float, length: int,
 
     inv_freq, _ = inverse_frequencies(model_config.rope, model_config.head_dim)
     wavelength = 2 * np.pi / inv_freq
-    bounds = (0, *edges, np.inf)
-    selections = {f"{lo}-{hi}" if hi < np.inf else f">={lo}": (wavelength >= lo) & (wavelength < hi)
-                  for lo, hi in zip(bounds[:-1], bounds[1:])}
-    selections |= {f">={lo}": wavelength >= lo for lo in bounds[:-1]}
-    return {name: {"rope_type": "longrope", "short_factor": list(np.where(chosen, factor, 1.0)),
-                   "long_factor": list(np.where(chosen, factor, 1.0)), "attention_factor": 1.0,
-                   "original_max_position_embeddings": length}
-            for name, chosen in selections.items()}
+    lows = (0, *edges)
+    selections = {f"{lo}-{hi}": (wavelength >= lo) & (wavelength < hi)
+                  for lo, hi in zip(lows, edges)}
+    selections |= {f">={lo}": wavelength >= lo for lo in lows}
+    scalings = {}
+    for name, chosen in selections.items():
+        factors = [float(f) for f in np.where(chosen, factor, 1.0)]
+        scalings[name] = {"rope_type": "longrope", "short_factor": factors,
+                          "long_factor": factors, "attention_factor": 1.0,
+                          "original_max_position_embeddings": length}
+    return scalings
 
 
 def extend(out: str, s: dict, config, tokenizer, tokenizer_path: str,
