@@ -275,7 +275,9 @@ def tokenizer_json_from_gguf(meta: Mapping[str, Any]) -> str:
 def tokenizer_config_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:
     """A `tokenizer_config.json` dict: special tokens, add_bos_token, chat_template."""
     tokens = meta["tokenizer.ggml.tokens"]
-    config: dict[str, Any] = {}
+    # transformers then loads tokenizer.json as written (a model-specific class would
+    # rebuild it from the vocabulary with its own pre-tokenizer).
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
                       ("pad", "padding_token_id"), ("unk", "unknown_token_id")):
         token_id = meta.get(f"tokenizer.ggml.{key}")
