@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",
     "tokenizers>=0.21",
     "safetensors>=0.4",
+    # GGUF (llama.cpp) reading and dequantization: lctx.load of .gguf files.
+    "gguf>=0.10",
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,6 +46,8 @@ EXTRAS_REQUIRE = {
     "hf": [
         "torch>=2.4",
         "transformers>=4.50,<5.1",
+        # transformers needs it to load a GGUF file (the real-model parity tests).
+        "accelerate>=0.26",
     ],
     # gcsfs: gs:// checkpoint directories (Orbax reads and writes them through etils/fsspec).
     "tpu": ["jax[tpu]>=0.7.1", "gcsfs>=2024.2"],

@@ -297,9 +297,11 @@ def _tiny_hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def write_tiny_gguf(path: Path, qtype: str, *, arch: str = "llama", drop: str | None = None,
-                    embed_dtype=None) -> dict[str, np.ndarray]:
-    """Writes a tiny llama GGUF (matrices in `qtype`, norms F32) as llama.cpp lays it out;
-    returns the HF-order float32 weights it was made from."""
+                    embed_dtype=None, yarn: tuple[float, int] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Writes a tiny llama GGUF (matrices in `qtype`, norms F32) as llama.cpp lays it out,
+    with YaRN (factor, original context) metadata when given; returns the HF-order float32
+    weights it was made from."""
     import gguf
 
     from lctx.convert.gguf import gguf_name
@@ -315,8 +317,12 @@ def write_tiny_gguf(path: Path, qtype: str, *, arch: str = "llama", drop: str | 
     w.add_head_count_kv(K)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
+    if yarn is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(yarn[0])
+        w.add_rope_scaling_orig_ctx_len(yarn[1])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types([3] + [1] * (len(tokens) - 1))
     w.add_token_merges(["Ġ t", "h e", "Ġt he"])
@@ -394,7 +400,8 @@ def test_tiny_gguf_tensor_types_dequantize_as_defined(tmp_path, qtype):
                 inverse = np.argsort(_llama_cpp_permute(np.arange(value.shape[0])[:, None],
                                                         n)[:, 0])
                 stored = stored[inverse]
-        assert np.abs(stored - value).max() < 0.2  # the quantization is coarse, not wrong
+        # Coarse (4 or 8 bits) but the same values in the same places.
+        assert np.corrcoef(stored.ravel(), value.ravel())[0, 1] > 0.98
         return stored.astype(np.float32)
 
     config, params = load_gguf(path)
@@ -422,6 +429,19 @@ def test_tiny_gguf_logits_and_tokenizer_match_transformers(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     text = "the theme: <|endoftext|> then 12 €"
     assert tiny.tokenizer.encode(text).tolist() == hf_tok.encode(text, add_special_tokens=False)
+
+
+@needs_hf
+def test_tiny_gguf_rope_scaling_metadata(tmp_path):
+    from lctx.convert.gguf import load_gguf
+
+    write_tiny_gguf(tmp_path / "yarn.gguf", "F32", yarn=(4.0, 64))
+    config, _ = load_gguf(tmp_path / "yarn.gguf")
+    rope = config.rope
+    assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings,
+            rope.rope_theta, config.max_position_embeddings) == ("yarn", 4.0, 64, 10000.0, 256)
+    scaled = lctx.load(tmp_path / "yarn.gguf", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert (scaled.config.rope.rope_type, scaled.config.rope.factor) == ("linear", 2.0)
 
 
 # ----------------------------------------------------------------------------- errors

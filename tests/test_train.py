@@ -170,6 +170,29 @@ def test_checkpoint_restores_onto_one_device(straight_run):
     ckpt.close()
 
 
+def test_lctx_load_reads_a_run_directory(straight_run):
+    """lctx.load(RUN) is the latest checkpoint, RUN@STEP another, each with its stage's
+    config: the same parameters the training checkpointer restores."""
+    import lctx
+
+    workdir, _ = straight_run
+    recipe = load_recipe(TINY)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), every_steps=0, keep=10, async_save=False)
+    pretrain_end, last = recipe.stages.pretrain.steps, ckpt.steps()[-1]
+    for source, step, index in ((str(workdir), last, 1),
+                                (f"{workdir}@{pretrain_end}", pretrain_end, 0)):
+        model = lctx.load(source)
+        stage = loop._build_stage(recipe, index)
+        assert (model.step, model.stage, model.config) == (step, stage.name, stage.model_config)
+        state = ckpt.restore_state(step, loop._abstract_state(stage))
+        for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(state.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert isinstance(model.tokenizer, type(ld.make_tokenizer(recipe.data.tokenizer)))
+    with pytest.raises(lctx.SourceError, match=r"step=1: no such checkpoint"):
+        lctx.load(f"{workdir}@1")
+    ckpt.close()
+
+
 def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(straight_run, tmp_path, caplog):
     """A damaged newest checkpoint is named in a warning and the previous one is used."""
     import shutil

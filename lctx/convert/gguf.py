@@ -74,8 +74,8 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     llama.cpp stores head h's rows as (r0, r_{hd/2}, r1, r_{hd/2+1}, ...), i.e.
     `w.reshape(n, 2, hd/2, D).swapaxes(1, 2)`; this swaps the two axes back.
     """
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class GGUFFile:
@@ -122,19 +122,28 @@ def _one_line(err: BaseException) -> str:
 
 def _rope_scaling(meta: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
     """HF `rope_scaling` from llama.cpp's `{arch}.rope.scaling.*` keys (None: plain RoPE)."""
-    kind = meta.get(prefix + "rope.scaling.type", "none")
-    factor = meta.get(prefix + "rope.scaling.factor", meta.get(prefix + "rope.scale_linear"))
-    if kind == "none" and factor is None:
+    kind = meta.get(prefix + "rope.scaling.type")
+    if kind is None:  # older files: only a linear factor
+        factor = meta.get(prefix + "rope.scale_linear")
+        return None if factor in (None, 1.0) else {"rope_type": "linear", "factor": float(factor)}
+    if kind == "none":
         return None
-    if kind in ("none", "linear"):
-        return {"rope_type": "linear", "factor": float(factor)}
+    factor = float(meta.get(prefix + "rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        scaling = {"rope_type": "yarn", "factor": factor}
         original = meta.get(prefix + "rope.scaling.original_context_length")
         if original is not None:
             scaling["original_max_position_embeddings"] = int(original)
-        if meta.get(prefix + "rope.scaling.attn_factor") is not None:
-            scaling["attention_factor"] = float(meta[prefix + "rope.scaling.attn_factor"])
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if meta.get(prefix + "rope.scaling." + key) is not None:
+                scaling[name] = float(meta[prefix + "rope.scaling." + key])
+        # llama.cpp multiplies YaRN's own magnitude scale by attn_factor; HF's
+        # attention_factor replaces it. Refuse rather than load a different model.
+        if meta.get(prefix + "rope.scaling.attn_factor", 1.0) != 1.0:
+            raise ValueError(f"{prefix}rope.scaling.attn_factor="
+                             f"{meta[prefix + 'rope.scaling.attn_factor']}: not supported")
         return scaling
     raise ValueError(f"{prefix}rope.scaling.type={kind!r}: lctx reads 'none', 'linear' and 'yarn'")
 
@@ -221,21 +230,25 @@ def load_gguf(source: str | os.PathLike | GGUFFile, *, param_dtype: str = "float
 
 # ----------------------------------------------------------------------------- tokenizer
 
-# `tokenizer.ggml.pre` -> the split before byte-level BPE (as llama.cpp's llama-vocab
-# does it). "gpt2": GPT-2's regex alone; the digit family isolates every digit first.
-_DIGITS_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", *_DIGITS_FIRST)
+# `tokenizer.ggml.pre` -> the split before byte-level BPE, as llama.cpp's llama-vocab.cpp
+# defines it: GPT-2's regex alone, or (the StarCoder family, SmolLM2's) every numeral
+# split off first, which is what SmolLM2's own tokenizer.json does too. A file without the
+# key gets GPT-2's regex, as transformers' GGUF conversion gives every llama file.
+_GPT2_REGEX_ONLY = ("gpt-2", "mpt", "olmo", "jais")
+_NUMERALS_FIRST = ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
+                   "minerva-7b")
+PRE_TOKENIZERS = (*_GPT2_REGEX_ONLY, *_NUMERALS_FIRST)
 # llama.cpp token types.
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _pre_tokenizer(name: str) -> dict[str, Any]:
+def _pre_tokenizer(name: str | None) -> dict[str, Any]:
     """The tokenizer.json `pre_tokenizer` for llama.cpp's pre-tokenizer `name`."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                  "use_regex": True}
-    if name in ("default", "gpt2", "gpt-2"):
+                  "use_regex": True}  # use_regex: GPT-2's split
+    if name is None or name in _GPT2_REGEX_ONLY:
         return byte_level
-    if name in _DIGITS_FIRST:
+    if name in _NUMERALS_FIRST:
         return {"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": True}, byte_level]}
     raise ValueError(f"tokenizer.ggml.pre={name!r}: not supported; lctx reads "
@@ -260,7 +273,7 @@ def tokenizer_json_from_gguf(meta: Mapping[str, Any]) -> str:
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default")),
+        "pre_tokenizer": _pre_tokenizer(meta.get("tokenizer.ggml.pre")),
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
                     "use_regex": True},

@@ -38,7 +38,8 @@ def _one_line(err: BaseException) -> str:
 
 def _dir_tokenizer(directory: Path) -> Tokenizer | None:
     """The tokenizer.json (+ tokenizer_config.json) a model directory carries, if any."""
-    return HuggingFaceTokenizer(str(directory)) if (directory / "tokenizer.json").is_file() else None
+    has_one = (directory / "tokenizer.json").is_file()
+    return HuggingFaceTokenizer(str(directory)) if has_one else None
 
 
 def _from_gguf(path: Path) -> dict[str, Any]:
