@@ -11,9 +11,13 @@ data (no pickles, no code), so any tool can inspect it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from lctx.model.config import ModelConfig
 from lctx.model.rope import RopeConfig
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "check_new_checkpoint", "config_from_dict",
-           "config_to_dict", "load_checkpoint", "save_checkpoint"]
+           "config_to_dict", "load_checkpoint", "new_directory", "save_checkpoint"]
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -66,22 +70,40 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 def check_new_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
-    """The absolute checkpoint path; ValueError if it already holds parameters (never overwritten)."""
-    ckpt = Path(ckpt_dir).absolute()  # orbax wants absolute paths
-    if (ckpt / PARAMS_DIR).exists():
-        raise ValueError(f"{ckpt / PARAMS_DIR}: already exists; choose a new output directory")
-    return ckpt
+    """The absolute output path; ValueError if something is there already (never overwritten;
+    an empty directory is fine)."""
+    out = Path(ckpt_dir).absolute()  # orbax wants absolute paths
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out}: already exists; choose a new output directory")
+    return out
+
+
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden sibling of `path` to write into, renamed to `path` when the block
+    completes and deleted if it fails: a half-written output is never taken for a good one.
+    ValueError (before anything is written) if `path` is not new."""
+    out = check_new_checkpoint(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        yield partial
+        os.replace(partial, out)  # atomic; replaces an empty directory
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(config: ModelConfig, params: Params, ckpt_dir: str | os.PathLike) -> Path:
-    """Writes `params` (orbax) and `config` (JSON) under ckpt_dir; refuses to overwrite params."""
+    """Writes `params` (orbax) and `config` (JSON) as a new directory ckpt_dir, all or nothing."""
     import orbax.checkpoint as ocp  # heavy; only the CLI paths need it
 
     ckpt = check_new_checkpoint(ckpt_dir)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(ckpt / PARAMS_DIR, params)
-    (ckpt / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    with new_directory(ckpt) as partial:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(partial / PARAMS_DIR, params)
+        (partial / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     return ckpt
 
 
@@ -104,6 +126,11 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, Params]:
         config = config_from_dict(data)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{config_path}: " + "; ".join(str(err).splitlines())) from None
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(ckpt / PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(ckpt / PARAMS_DIR)
+    except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{ckpt / PARAMS_DIR}: cannot restore the parameters "
+                         f"({type(err).__name__}: {first}); truncated or corrupt") from err
     return config, jax.tree.map(np.asarray, jax.device_get(params))

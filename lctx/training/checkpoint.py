@@ -26,6 +26,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(ValueError):
+    """A listed checkpoint that cannot be read: truncated, corrupt or of another model."""
+
+
 class Checkpointer:
     """Asynchronous saves every `every_steps`, keeping the last `keep`."""
 
@@ -59,13 +63,22 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def read_meta(self, global_step: int) -> dict[str, Any]:
-        return self._manager.restore(global_step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return self._restore(global_step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore_state(self, global_step: int, abstract_state: Any) -> Any:
         """The state at `global_step`, placed as `abstract_state`'s shardings say."""
-        return self._manager.restore(global_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self._restore(global_step, state=ocp.args.StandardRestore(abstract_state))["state"]
+
+    def _restore(self, global_step: int, **items: Any) -> Any:
+        """Orbax's restore; CheckpointError (one line naming the step directory) if it fails."""
+        try:
+            return self._manager.restore(global_step, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(global_step))}: cannot restore "
+                f"{', '.join(items)} ({type(err).__name__}: {first}); it is truncated, corrupt "
+                "or of another model") from err
 
     def restore_latest(self, abstract_state_for: Callable[[dict[str, Any]], Any]
                        ) -> tuple[int, dict[str, Any], Any] | None:
