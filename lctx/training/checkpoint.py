@@ -17,6 +17,7 @@ so the directory must be one that all of them see: on a TPU pod slice, a gs:// p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable
@@ -24,6 +25,19 @@ from typing import Any, Callable
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged():
+    """Orbax logs (through absl) the damaged files it meets, then raises or skips them; lctx
+    reports them once, in one line (CheckpointError, or restore_latest's warning)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
 
 
 class CheckpointError(ValueError):
@@ -38,11 +52,13 @@ class Checkpointer:
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _orbax_errors_unlogged():  # it reads each step's metadata, damaged or not
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
-        return sorted(self._manager.all_steps())
+        with _orbax_errors_unlogged():
+            return sorted(self._manager.all_steps())
 
     def due(self, global_step: int) -> bool:
         return self.every_steps > 0 and global_step % self.every_steps == 0
@@ -72,7 +88,8 @@ class Checkpointer:
     def _restore(self, global_step: int, **items: Any) -> Any:
         """Orbax's restore; CheckpointError (one line naming the step directory) if it fails."""
         try:
-            return self._manager.restore(global_step, args=ocp.args.Composite(**items))
+            with _orbax_errors_unlogged():
+                return self._manager.restore(global_step, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(
