@@ -27,9 +27,11 @@ import sys
 from typing import Any, Callable, Iterable, NoReturn
 
 EXIT_USAGE = 2
-# Raised by an entry point when what the user gave is wrong: a path that does not
-# exist, a --rope_scaling that is not JSON. Anything else keeps its traceback.
+# Besides UsageError, what run_main reports as the user's mistake by default: a path
+# they gave that does not exist, a file of theirs that is not JSON. Anything else
+# keeps its traceback.
 USER_ERRORS = (FileNotFoundError, json.JSONDecodeError)
+_HELP = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
 
 
 class UsageError(ValueError):
@@ -43,6 +45,14 @@ class UsageError(ValueError):
 def one_line(text: Any) -> str:
     """`text` with its lines stripped and joined by "; " (exception messages often span lines)."""
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def cause(err: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (storage libraries put
+    whole specs into theirs)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -99,9 +109,6 @@ def run_absl(main: Callable[[list[str]], Any], *, prog: str,
     run_main(lambda: app.run(main, flags_parser=parse), prog=prog, expected=expected)
 
 
-_HELP = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors raise UsageError (one line) instead of printing usage; its
     subcommand parsers are of this class too."""
@@ -123,8 +130,8 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
+        value = None
+    if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an int >= 1")
     return value
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +75,10 @@ CASES = [
     ("eval-not-a-run", ["lctx.eval", "--workdir={in}/ckpt_corrupt"], ["workdir=", "no config.json"]),
     ("eval-checkpoint-corrupt", ["lctx.eval", "--workdir={in}/run_corrupt"],
      ["run_corrupt/checkpoints/3", "corrupt"]),
-    ("eval-checkpoint-truncated", ["lctx.eval", "--workdir={in}/run_truncated"],
-     ["run_truncated/checkpoints/3", "truncated"]),
+    ("eval-checkpoint-meta-truncated", ["lctx.eval", "--workdir={in}/run_meta_truncated"],
+     ["run_meta_truncated/checkpoints/3", "could not be restored", "truncated"]),
+    ("eval-checkpoint-state-truncated", ["lctx.eval", "--workdir={in}/run_state_truncated"],
+     ["run_state_truncated/checkpoints/3", "could not be restored", "truncated"]),
     ("eval-step-missing", ["lctx.eval", "--workdir={in}/run_corrupt", "--step=9"],
      ["step=9", "available: [3]"]),
     ("eval-step-not-int", ["lctx.eval", "--workdir={in}/run_corrupt", "--step=abc"], ["--step=abc"]),
@@ -126,16 +128,28 @@ CASES = [
 
 
 def _write_run(run: Path) -> None:
-    """A run directory of tiny whose one checkpoint (step 3) is real but holds a stand-in state."""
+    """A run directory of tiny with one good checkpoint (step 3: a zero train state of stage 0)."""
+    import jax.numpy as jnp
+
     from lctx.cli import load_config_file
     from lctx.training import config as cfg
+    from lctx.training import loop
     from lctx.training.checkpoint import Checkpointer
 
+    config = load_config_file("config", TINY)
     run.mkdir()
-    (run / "config.json").write_text(json.dumps(cfg.describe(load_config_file("config", TINY))))
+    (run / "config.json").write_text(json.dumps(cfg.describe(config)))
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         loop._abstract_state(loop._build_stage(config, 0)))
     checkpointer = Checkpointer(str(run / "checkpoints"), every_steps=1, keep=1, async_save=False)
-    checkpointer.save(3, {"x": np.zeros(4, np.float32)}, {"stage": "pretrain", "stage_index": 0})
+    checkpointer.save(3, state, {"stage": "pretrain", "stage_index": 0})
     checkpointer.close()
+
+
+def _damage(files, edit) -> None:
+    for path in files:
+        if path.is_file():
+            path.write_bytes(edit(path.read_bytes()))
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +174,14 @@ def inputs(tmp_path_factory) -> Path:
         (root / name / "model_config.json").write_text(config_text)
         (root / name / "params" / "_METADATA").write_text("{not json")
 
-    _write_run(root / "run_truncated")
-    shutil.copytree(root / "run_truncated", root / "run_corrupt")
-    meta = root / "run_truncated" / "checkpoints" / "3" / "meta" / "metadata"
-    meta.write_bytes(meta.read_bytes()[:len(meta.read_bytes()) // 2])
-    for path in (root / "run_corrupt" / "checkpoints" / "3").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"\x00corrupt")
+    _write_run(root / "run")
+    for name in ("run_corrupt", "run_meta_truncated", "run_state_truncated"):
+        shutil.copytree(root / "run", root / name)
+    half = lambda data: data[:len(data) // 2]
+    step = Path("checkpoints") / "3"
+    _damage((root / "run_corrupt" / step).rglob("*"), lambda _: b"\x00corrupt")
+    _damage([root / "run_meta_truncated" / step / "meta" / "metadata"], half)
+    _damage((root / "run_state_truncated" / step / "state").rglob("d/*"), half)
     return root
 
 
@@ -191,11 +206,17 @@ def test_bad_input(argv, expected, inputs, tmp_path):
     assert _tree(inputs) == before
 
 
-@pytest.mark.parametrize("argv", [["lctx.train", f"--config={TINY}", "--dry_run"], ["lctx.bench"]],
-                         ids=["train-dry-run", "bench-list"])
-def test_valid_input_passes(argv, tmp_path):
-    """The unbroken commands the cases start from pass the same checks (and write nothing)."""
+VALID = [("train-dry-run", ["lctx.train", f"--config={TINY}", "--dry_run"]),
+         ("eval-undamaged-run", ["lctx.eval", "--workdir={in}/run", "--tasks=ppl", "--lengths=32",
+                                 "--stride=32", "--max_tokens=32", "--batch_size=1"]),
+         ("bench-list", ["lctx.bench"])]
+
+
+@pytest.mark.parametrize("argv", [v[1] for v in VALID], ids=[v[0] for v in VALID])
+def test_valid_input_passes(argv, inputs, tmp_path):
+    """What the cases break passes: the recipe, the run (before its checkpoint is damaged)."""
+    argv = [a.replace("{in}", str(inputs)) for a in argv]
     done = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert list(tmp_path.iterdir()) == []
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr and list(tmp_path.iterdir()) == []

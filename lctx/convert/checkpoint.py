@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lctx.cli import cause
 from lctx.model.config import ModelConfig
 from lctx.model.rope import RopeConfig
 
@@ -130,7 +131,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, Params]:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(ckpt / PARAMS_DIR)
     except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{ckpt / PARAMS_DIR}: cannot restore the parameters "
-                         f"({type(err).__name__}: {first}); truncated or corrupt") from err
+        raise ValueError(f"{ckpt / PARAMS_DIR}: cannot restore the parameters ({cause(err)}); "
+                         "truncated or corrupt") from err
     return config, jax.tree.map(np.asarray, jax.device_get(params))

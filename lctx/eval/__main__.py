@@ -31,7 +31,7 @@ _BATCH = flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"],
 _SEED = flags.DEFINE_integer("seed", DEFAULTS["seed"], "Passkey keys.")
 _ROPE_SCALING = flags.DEFINE_string(
     "rope_scaling", None, "HF-style rope_scaling JSON evaluated in place of the checkpoint's, "
-    'e.g. \'{"rope_type": "dynamic", "factor": 4.0}\' (null: plain RoPE).')
+    'e.g. \'{"rope_type": "dynamic", "factor": 4.0}\' ({"rope_type": "default"}: plain RoPE).')
 
 _ROPE_EXAMPLE = '{"rope_type": "linear", "factor": 2.0}'
 
@@ -44,16 +44,15 @@ def _numbers(name: str, values: list[str], kind: type) -> tuple:
                          f"{kind.__name__}s") from None
 
 
-def _rope_scaling(text: str) -> dict | None:
-    """The --rope_scaling JSON object (None for null)."""
+def _rope_scaling(text: str) -> dict:
+    """The --rope_scaling JSON object."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(f"--rope_scaling={text}: not valid JSON ({err.msg} at column "
                          f"{err.colno}); expected an object like {_ROPE_EXAMPLE}") from None
-    if value is not None and not isinstance(value, dict):
-        raise UsageError(f"--rope_scaling={text}: expected a JSON object like {_ROPE_EXAMPLE} "
-                         "or null")
+    if not isinstance(value, dict):
+        raise UsageError(f"--rope_scaling={text}: expected a JSON object like {_ROPE_EXAMPLE}")
     return value
 
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Callable
 
 import orbax.checkpoint as ocp
+
+from lctx.cli import cause
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,24 @@ def _orbax_errors_unlogged():
         yield
     finally:
         absl_log.setLevel(level)
+
+
+def _drop_stale_orbax_callbacks() -> None:
+    """After a failed restore, orbax's reads still in flight complete into its event loop,
+    already closed, and each prints "Event loop is closed" as an unraisable error (a
+    traceback on stderr, also at exit). They are harmless: the failure itself is reported
+    once. Installed before any restore, since they may arrive before it raises."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_stale_orbax_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_stale_orbax_callbacks = True
+    sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):
@@ -87,15 +108,15 @@ class Checkpointer:
 
     def _restore(self, global_step: int, **items: Any) -> Any:
         """Orbax's restore; CheckpointError (one line naming the step directory) if it fails."""
+        _drop_stale_orbax_callbacks()
         try:
             with _orbax_errors_unlogged():
                 return self._manager.restore(global_step, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(
-                f"checkpoint {os.path.join(self.directory, str(global_step))}: cannot restore "
-                f"{', '.join(items)} ({type(err).__name__}: {first}); it is truncated, corrupt "
-                "or of another model") from err
+                f"checkpoint {os.path.join(self.directory, str(global_step))} could not be "
+                f"restored ({', '.join(items)}: {cause(err)}); it is truncated, corrupt or of "
+                "another model") from err
 
     def restore_latest(self, abstract_state_for: Callable[[dict[str, Any]], Any]
                        ) -> tuple[int, dict[str, Any], Any] | None:
@@ -110,9 +131,10 @@ class Checkpointer:
                 meta = self.read_meta(step)
                 return step, meta, self.restore_state(step, abstract_state_for(meta))
             except Exception as err:  # corrupt files of any kind: fall back to an older one
-                log.warning("checkpoint %s could not be restored (%s: %s); trying the previous one",
-                            os.path.join(self.directory, str(step)), type(err).__name__,
-                            str(err).splitlines()[0] if str(err) else "")
+                reason = err if isinstance(err, CheckpointError) else (
+                    f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
+                    f"({cause(err)})")
+                log.warning("%s; trying the previous one", reason)
         return None
 
     def close(self) -> None:
