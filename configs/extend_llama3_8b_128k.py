@@ -39,4 +39,6 @@ def get_config():
     c.log_every_steps = 5
     c.eval.lengths = (8192, 32768, 65536, 131072)
     c.eval.stride = 4096
+    c.eval.max_tokens = 65536
+    c.eval.batch_size = 1  # one 128K window per forward pass fits; the default 4 may not
     return c

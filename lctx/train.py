@@ -1,7 +1,8 @@
 """python -m lctx.train --config=configs/<recipe>.py [--config.a.b=value ...]
 
 Thin entry point: parse, validate (exit 2, one line per problem, no traceback),
-then hand the config to `lctx.training.run`. Rerunning the same command resumes.
+then hand the config to `lctx.training.loop.run`.
+--dry_run stops after the validation. Rerunning the same command resumes.
 
 Multi-process (one process per host of a TPU pod slice, or several CPU processes):
 the distributed runtime starts by itself on Cloud TPU VMs; elsewhere pass
@@ -15,11 +16,14 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lctx.cli import UsageError, check_config_argv, run_absl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run recipe: configs/<name>.py",
                                           lock_config=True)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config, then exit (writes nothing).")
 _COORDINATOR = flags.DEFINE_string("lctx_coordinator", None,
                                    "host:port of process 0 (else $LCTX_COORDINATOR)")
 _NUM_PROCESSES = flags.DEFINE_integer("lctx_num_processes", None,
@@ -30,12 +34,10 @@ _PROCESS_ID = flags.DEFINE_integer("lctx_process_id", None,
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UsageError(f"{' '.join(argv[1:])}: unexpected arguments; "
+                         "give flags as --name=value")
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    if config is None:
-        print("lctx.train: --config=configs/<recipe>.py is required", file=sys.stderr)
-        sys.exit(2)
 
     import jax
 
@@ -47,14 +49,14 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as err:
-        print(f"lctx.train: {err}", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(str(err)) from None
     problems = cfg.problems(config, jax.device_count())
     if problems:
-        print("lctx.train: invalid config:", file=sys.stderr)
-        for line in problems:
-            print(f"  {line}", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(*problems)
+    if _DRY_RUN.value:
+        print(f"config ok: stages {', '.join(config.stage_order)} on {jax.device_count()} "
+              f"devices, workdir {cfg.workdir(config)}")
+        return
     try:
         summary = run(config)
     except BaseException as err:
@@ -88,4 +90,5 @@ def _exit_now(err: BaseException, known: bool, index: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # Training's own errors keep their tracebacks; only the user's input is exit 2.
+    run_absl(main, prog="lctx.train", check_argv=check_config_argv, expected=())

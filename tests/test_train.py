@@ -290,6 +290,6 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
                             env=env_with_cache(str(tmp_path)))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("  ")]
-    assert len(lines) >= 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and all(ln.startswith("lctx.train: error: ") for ln in lines), lines
     assert not (tmp_path / "bad").exists()  # nothing written for a bad config

@@ -1,5 +1,9 @@
 """`python -m lctx.bench`: lists the benchmarks; each runs as `python -m lctx.bench.<name>`."""
 
+import sys
+
+from lctx.cli import UsageError, did_you_mean, run_main
+
 BENCHMARKS = {
     "attention": "reference / blockwise / ring / ulysses attention vs the public ring baseline: "
                  "time, compiled memory, share of matmul rate, ring load balance",
@@ -9,11 +13,16 @@ BENCHMARKS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        raise UsageError(f"{args[0]}: unexpected argument{did_you_mean(args[0], BENCHMARKS)}; "
+                         f"run a benchmark as python -m lctx.bench.<name>, name one of "
+                         f"{', '.join(BENCHMARKS)}")
     print("lctx benchmarks (run with python -m lctx.bench.<name> --help):")
     for name, about in BENCHMARKS.items():
         print(f"  {name:<10} {about}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, prog="lctx.bench")

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lctx import cli
 from lctx.bench import common
 from lctx.kernels import (attention, balanced_permutation, reference_attention,
                           ring_tiles_computed)
@@ -605,10 +606,6 @@ def run(settings: Settings) -> dict[str, Any]:
     return payload
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 def _blocks(text: str) -> tuple[int | None, ...]:
     return tuple(None if x.strip() in ("", "default") else int(x) for x in text.split(","))
 
@@ -623,16 +620,17 @@ def _bool(text: str) -> bool:
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Command-line flags -> Settings (exits with code 2 and a message on bad values)."""
-    parser = argparse.ArgumentParser(prog="python -m lctx.bench.attention",
+    parser = cli.ArgumentParser(prog="python -m lctx.bench.attention",
                                      description=__doc__.splitlines()[0])
     d = Settings()
     parser.add_argument("--impls", default=",".join(d.impls),
                         help=f"comma-separated subset of {','.join(ALL_IMPLS)}; or pallas "
                              f"alone (--impl=pallas: the fused kernel on a TPU/GPU, lctx.bench.pallas)")
-    parser.add_argument("--lengths", type=_ints, default=None,
+    parser.add_argument("--lengths", type=cli.ints, default=None,
                         help="sequence lengths (default 2048,...,32768; --quick: 2048,4096)")
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--heads", type=int, default=d.heads, help="(Ulysses always uses 8)")
+    parser.add_argument("--batch", type=cli.positive_int, default=d.batch)
+    parser.add_argument("--heads", type=cli.positive_int, default=d.heads,
+                        help="(Ulysses always uses 8)")
     parser.add_argument("--head_dim", type=int, default=d.head_dim)
     parser.add_argument("--causal", type=_bool, default=d.causal)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
@@ -642,7 +640,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--block_q", type=_blocks, default=d.block_q,
                         help="lctx tile sizes to sweep, e.g. 256,512,1024 (default: kernel's)")
     parser.add_argument("--block_k", type=_blocks, default=d.block_k)
-    parser.add_argument("--baseline_chunks", type=_ints, default=d.baseline_chunks)
+    parser.add_argument("--baseline_chunks", type=cli.ints, default=d.baseline_chunks)
     parser.add_argument("--ring_placement", choices=("zigzag", "striped", "contiguous"),
                         default=None, help="ring token placement (default: zigzag when causal)")
     parser.add_argument("--head_to_head_rounds", type=int, default=None,
@@ -668,8 +666,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     chunks = args.baseline_chunks
     if args.quick and args.baseline_chunks == d.baseline_chunks:
         chunks = (256, 512)
-    if args.batch < 1 or args.heads < 1 or any(s % (2 * NUM_DEVICES) for s in lengths):
-        parser.error(f"--batch and --heads must be >= 1 and every length a multiple of "
+    if not lengths or any(s <= 0 or s % (2 * NUM_DEVICES) for s in lengths):
+        parser.error(f"--lengths={','.join(map(str, lengths))}: expected positive multiples of "
                      f"{2 * NUM_DEVICES}")
     return Settings(impls=impls, lengths=tuple(lengths), batch=args.batch, heads=args.heads,
                     head_dim=args.head_dim, causal=args.causal, dtype=args.dtype,
@@ -698,4 +696,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main, prog="lctx.bench.attention")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lctx import model, parallel
+from lctx import cli, model, parallel
 from lctx.bench.common import compile_fn, format_table, memory_stats, write_json
 from lctx.model import ModelConfig
 
@@ -211,10 +211,9 @@ def table(rows: dict[str, list[Row]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lctx.bench.memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda text: tuple(int(x) for x in text.split(",") if x)
-    parser.add_argument("--lengths", type=ints, default=DEFAULT_LENGTHS,
+    parser = cli.ArgumentParser(prog="python -m lctx.bench.memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=cli.ints, default=DEFAULT_LENGTHS,
                         help="comma-separated sequence lengths (multiples of 16)")
     parser.add_argument("--reference_max", type=int, default=32768,
                         help="longest length compiled with reference attention; beyond: predicted")
@@ -224,8 +223,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="length of the real tiny train step (0 skips it)")
     parser.add_argument("--out", default="bench_results/memory.json", help="JSON results path")
     args = parser.parse_args(argv)
-    if any(s % (2 * NUM_DEVICES) for s in args.lengths):
-        parser.error(f"--lengths must be multiples of {2 * NUM_DEVICES} (zigzag ring layout)")
+    bad = [s for s in args.lengths if s <= 0 or s % (2 * NUM_DEVICES)]
+    if bad or not args.lengths:
+        parser.error(f"--lengths={','.join(map(str, args.lengths))}: expected positive multiples "
+                     f"of {2 * NUM_DEVICES} (zigzag ring layout)")
     return args
 
 
@@ -270,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main, prog="lctx.bench.memory")

@@ -11,19 +11,12 @@ Prints a table and writes JSON (bench_results/train.json).
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import time
 
 import jax
 
-
-def _load_recipe(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from lctx import cli
 
 
 def model_flops(param_count: int, n_layers: int, n_heads: int, head_dim: int, batch: int,
@@ -47,10 +40,11 @@ def _pipeline_tokens_per_sec(dataset, batches: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m lctx.bench.train",
+                                description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.py", help="recipe file")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per stage")
-    parser.add_argument("--pipeline_batches", type=int, default=50)
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed steps per stage")
+    parser.add_argument("--pipeline_batches", type=cli.positive_int, default=50)
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)
@@ -61,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     from lctx.training import config as cfg
     from lctx.training import loop
 
-    recipe = _load_recipe(args.config)
+    recipe = cli.load_config_file("config", args.config)
     problems = cfg.problems(recipe, jax.device_count())
     if problems:
-        raise SystemExit("invalid config:\n  " + "\n  ".join(problems))
+        raise cli.UsageError(*problems)
     run_dir = os.path.abspath(cfg.workdir(recipe))
     os.makedirs(run_dir, exist_ok=True)
     corpus = loop.open_run_corpus(recipe, run_dir)
@@ -122,4 +116,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main, prog="lctx.bench.train")

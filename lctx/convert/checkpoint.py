@@ -12,22 +12,25 @@ data (no pickles, no code), so any tool can inspect it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from lctx.cli import cause
 from lctx.model.config import ModelConfig
 from lctx.model.rope import RopeConfig
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "check_new_checkpoint", "config_from_dict",
-           "config_to_dict", "load_checkpoint", "save_checkpoint"]
+           "config_to_dict", "load_checkpoint", "new_directory", "save_checkpoint"]
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -69,7 +72,8 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 def check_new_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
-    """The absolute checkpoint path; ValueError if it already holds files (never overwritten)."""
+    """The absolute checkpoint path; ValueError if it already holds files (never overwritten;
+    an empty directory is fine)."""
     ckpt = Path(ckpt_dir).absolute()  # orbax wants absolute paths
     if (ckpt / PARAMS_DIR).exists():
         raise ValueError(f"{ckpt / PARAMS_DIR}: already exists; choose a new output directory")
@@ -79,32 +83,37 @@ def check_new_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
     return ckpt
 
 
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden sibling of `path` to write into, renamed to `path` when the block
+    completes and deleted if it fails: a half-written output is never taken for a good one.
+    ValueError (before anything is written) if `path` is not new."""
+    out = check_new_checkpoint(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        yield partial
+        os.replace(partial, out)  # atomic; replaces an empty directory
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(config: ModelConfig, params: Params, ckpt_dir: str | os.PathLike, *,
                     tokenizer: Any = None) -> Path:
     """Writes `params` (orbax), `config` (JSON) and `tokenizer` (anything with `.save(dir)`,
-    e.g. a HuggingFaceTokenizer: tokenizer.json + tokenizer_config.json) as ckpt_dir.
-
-    Everything is written into a temporary sibling renamed into place at the end, so a
-    failure never leaves a half-written checkpoint. Refuses a non-empty ckpt_dir.
-    """
+    e.g. a HuggingFaceTokenizer: tokenizer.json + tokenizer_config.json) as a new directory
+    ckpt_dir, all or nothing (`new_directory`)."""
     import orbax.checkpoint as ocp  # heavy; only the CLI paths need it
 
     ckpt = check_new_checkpoint(ckpt_dir)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    partial = ckpt.parent / f".{ckpt.name}.partial-{uuid.uuid4().hex[:12]}"
-    partial.mkdir()
-    try:
+    with new_directory(ckpt) as partial:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(partial / PARAMS_DIR, params)
         (partial / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(partial)
-        if ckpt.exists():
-            ckpt.rmdir()  # empty (checked above); rename needs the name free
-        partial.rename(ckpt)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return ckpt
 
 
@@ -127,6 +136,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, Params]:
         config = config_from_dict(data)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{config_path}: " + "; ".join(str(err).splitlines())) from None
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(ckpt / PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(ckpt / PARAMS_DIR)
+    except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+        raise ValueError(f"{ckpt / PARAMS_DIR}: cannot restore the parameters ({cause(err)}); "
+                         "truncated or corrupt") from err
     return config, jax.tree.map(np.asarray, jax.device_get(params))

@@ -7,22 +7,26 @@
 An lctx checkpoint is `<dir>/model_config.json` + `<dir>/params/` (orbax), plus
 `tokenizer.json` + `tokenizer_config.json` when the source has a tokenizer (GGUF);
 lctx-to-hf copies those beside the safetensors. Bad input prints one line
-`lctx.convert: error: ...` and exits with status 2.
+`lctx.convert: error: ...` and exits with status 2. Outputs must be new; each is
+written next to its final path and renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lctx.convert.checkpoint import check_new_checkpoint, load_checkpoint, save_checkpoint
+from lctx.cli import ArgumentParser, UsageError, one_line
+from lctx.convert.checkpoint import (check_new_checkpoint, load_checkpoint, new_directory,
+                                     save_checkpoint)
+from lctx.convert.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
 from lctx.convert.hf import load_llama, save_llama
 
-EXIT_USAGE = 2
 EXIT_MISSING_DEPENDENCY = 1
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -41,7 +45,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lctx.convert",
         description="Convert LLaMA checkpoints between Hugging Face (safetensors), GGUF and "
                     "lctx (orbax params + model_config.json).")
@@ -74,10 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_dir(flag: str, path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise UsageError(f"--{flag}={path}: no such directory; expected {what}")
+    return path
+
+
+def _new_output(path: str) -> str:
+    try:
+        check_new_checkpoint(path)
+    except ValueError:
+        raise UsageError(f"--out={path}: already exists; choose a new directory") from None
+    return path
+
+
+def _reading(flag: str, load, *args, **kwargs):
+    """load(...) with a ValueError / OSError (bad or damaged input) as a UsageError naming --flag."""
+    try:
+        return load(*args, **kwargs)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--{flag}: {err}") from None
+
+
 def hf_to_lctx(hf_dir: str, out: str, param_dtype: str | None) -> str:
     """Converts and returns a one-line summary."""
-    check_new_checkpoint(out)  # fail before the (possibly long) load
-    config, params = load_llama(hf_dir, param_dtype=param_dtype)
+    _input_dir("hf_dir", hf_dir, "a Hugging Face model directory (config.json + safetensors)")
+    _new_output(out)  # fail before the (possibly long) load
+    config, params = _reading("hf_dir", load_llama, hf_dir, param_dtype=param_dtype)
     path = save_checkpoint(config, params, out)
     return (f"wrote lctx checkpoint {path} ({config.n_layers} layers, d_model {config.d_model}, "
             f"rope {config.rope.rope_type}, {config.param_dtype})")
@@ -85,12 +112,13 @@ def hf_to_lctx(hf_dir: str, out: str, param_dtype: str | None) -> str:
 
 def gguf_to_lctx(gguf: str, out: str, param_dtype: str) -> str:
     """Converts and returns a one-line summary."""
-    from lctx.convert.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
-
-    check_new_checkpoint(out)
-    file = GGUFFile(gguf)
-    config, params = load_gguf(file, param_dtype=param_dtype)
-    path = save_checkpoint(config, params, out, tokenizer=tokenizer_from_gguf(file))
+    if not os.path.isfile(gguf):
+        raise UsageError(f"--gguf={gguf}: no such file; expected a llama.cpp GGUF file")
+    _new_output(out)
+    file = _reading("gguf", GGUFFile, gguf)
+    config, params = _reading("gguf", load_gguf, file, param_dtype=param_dtype)
+    tokenizer = _reading("gguf", tokenizer_from_gguf, file)
+    path = save_checkpoint(config, params, out, tokenizer=tokenizer)
     return (f"wrote lctx checkpoint {path} with its tokenizer ({config.n_layers} layers, "
             f"d_model {config.d_model}, vocab {config.vocab_size}, {config.param_dtype})")
 
@@ -100,16 +128,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def lctx_to_hf(ckpt: str, out: str, max_shard_size: int) -> str:
     """Converts (tokenizer files copied along) and returns a one-line summary."""
-    config, params = load_checkpoint(ckpt)
-    path = save_llama(config, params, out, max_shard_bytes=max_shard_size)
-    for name in TOKENIZER_FILES:
-        if (Path(ckpt) / name).is_file():
-            shutil.copyfile(Path(ckpt) / name, path / name)
-    return f"wrote Hugging Face LLaMA directory {path}"
+    _input_dir("ckpt", ckpt, "an lctx checkpoint directory (model_config.json + params/)")
+    _new_output(out)
+    config, params = _reading("ckpt", load_checkpoint, ckpt)
+    with new_directory(out) as partial:
+        save_llama(config, params, partial, max_shard_bytes=max_shard_size)
+        for name in TOKENIZER_FILES:
+            if (Path(ckpt) / name).is_file():
+                shutil.copyfile(Path(ckpt) / name, partial / name)
+    return f"wrote Hugging Face LLaMA directory {os.path.abspath(out)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one command; returns the exit status (0 ok, 2 bad input)."""
+    """Runs one command; returns the exit status (0 ok, 1 missing extra). Bad input raises
+    UsageError (`lctx.cli.run_main` prints it as one line, exit 2)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hf-to-lctx":
@@ -118,10 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = gguf_to_lctx(args.gguf, args.out, args.param_dtype)
         else:
             summary = lctx_to_hf(args.ckpt, args.out, args.max_shard_size)
-    except (ValueError, OSError, ImportError) as err:
-        # Bad input (or a missing extra) is the user's to fix: one line, no traceback.
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"lctx.convert: error: {message}", file=sys.stderr)
-        return EXIT_MISSING_DEPENDENCY if isinstance(err, ImportError) else EXIT_USAGE
+    except ImportError as err:  # a missing extra: the message says what to install
+        print(f"lctx.convert: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
+    except ValueError as err:  # e.g. a model lctx cannot export: the user's to fix
+        raise UsageError(str(err)) from None
     print(summary)
     return 0

@@ -27,6 +27,8 @@ from lctx.infer import generate
 from lctx.models import load, with_rope_scaling  # noqa: F401  (with_rope_scaling: re-export)
 
 TASKS = ("ppl", "passkey", "needle")
+# The one set of defaults: python -m lctx.eval's flags and a run's config.eval read these.
+DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULTS = dict(stride=256, max_tokens=32768, batch_size=4, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                 trials=4, seed=0, prompt_batch=8)
 
@@ -109,7 +111,7 @@ def _retrieval_cells(kind: str, model_config, params, tokenizer, lengths, depths
 
 def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokenizer,
                    held_out: Sequence[Mapping[str, Any]], *, text_key: str = "text",
-                   tasks: Sequence[str] = TASKS, lengths: Sequence[int] = (256, 512, 1024, 2048),
+                   tasks: Sequence[str] = TASKS, lengths: Sequence[int] = DEFAULT_LENGTHS,
                    out_dir: str | None = None, training_lengths: Sequence[int] = (),
                    label: str = "model", mesh=None, progress: bool = True,
                    **options: Any) -> dict[str, Any]:
@@ -241,7 +243,7 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = TASKS,
-             lengths: Sequence[int] = (256, 512, 1024, 2048), **options: Any) -> dict[str, Any]:
+             lengths: Sequence[int] = DEFAULT_LENGTHS, **options: Any) -> dict[str, Any]:
     """Evaluates a run's checkpoint (latest, or `step`) on its held-out split.
 
     options: see `evaluate_model`, plus rope_scaling (an HF-style dict evaluated in

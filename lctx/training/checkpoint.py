@@ -17,13 +17,52 @@ so the directory must be one that all of them see: on a TPU pod slice, a gs:// p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
+from lctx.cli import cause
+
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged():
+    """Orbax logs (through absl) the damaged files it meets, then raises or skips them; lctx
+    reports them once, in one line (CheckpointError, or restore_latest's warning)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
+def _drop_stale_orbax_callbacks() -> None:
+    """After a failed restore, orbax's reads still in flight complete into its event loop,
+    already closed, and each prints "Event loop is closed" as an unraisable error (a
+    traceback on stderr, also at exit). They are harmless: the failure itself is reported
+    once. Installed before any restore, since they may arrive before it raises."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_stale_orbax_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_stale_orbax_callbacks = True
+    sys.unraisablehook = hook
+
+
+class CheckpointError(ValueError):
+    """A listed checkpoint that cannot be read: truncated, corrupt or of another model."""
 
 
 class Checkpointer:
@@ -34,11 +73,13 @@ class Checkpointer:
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _orbax_errors_unlogged():  # it reads each step's metadata, damaged or not
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
-        return sorted(self._manager.all_steps())
+        with _orbax_errors_unlogged():
+            return sorted(self._manager.all_steps())
 
     def due(self, global_step: int) -> bool:
         return self.every_steps > 0 and global_step % self.every_steps == 0
@@ -59,13 +100,23 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def read_meta(self, global_step: int) -> dict[str, Any]:
-        return self._manager.restore(global_step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return self._restore(global_step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore_state(self, global_step: int, abstract_state: Any) -> Any:
         """The state at `global_step`, placed as `abstract_state`'s shardings say."""
-        return self._manager.restore(global_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self._restore(global_step, state=ocp.args.StandardRestore(abstract_state))["state"]
+
+    def _restore(self, global_step: int, **items: Any) -> Any:
+        """Orbax's restore; CheckpointError (one line naming the step directory) if it fails."""
+        _drop_stale_orbax_callbacks()
+        try:
+            with _orbax_errors_unlogged():
+                return self._manager.restore(global_step, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+            raise CheckpointError(
+                f"checkpoint {os.path.join(self.directory, str(global_step))} could not be "
+                f"restored ({', '.join(items)}: {cause(err)}); it is truncated, corrupt or of "
+                "another model") from err
 
     def restore_latest(self, abstract_state_for: Callable[[dict[str, Any]], Any]
                        ) -> tuple[int, dict[str, Any], Any] | None:
@@ -80,9 +131,10 @@ class Checkpointer:
                 meta = self.read_meta(step)
                 return step, meta, self.restore_state(step, abstract_state_for(meta))
             except Exception as err:  # corrupt files of any kind: fall back to an older one
-                log.warning("checkpoint %s could not be restored (%s: %s); trying the previous one",
-                            os.path.join(self.directory, str(step)), type(err).__name__,
-                            str(err).splitlines()[0] if str(err) else "")
+                reason = err if isinstance(err, CheckpointError) else (
+                    f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
+                    f"({cause(err)})")
+                log.warning("%s; trying the previous one", reason)
         return None
 
     def close(self) -> None:

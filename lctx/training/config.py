@@ -15,6 +15,8 @@ from typing import Any
 import ml_collections
 from ml_collections import ConfigDict
 
+from lctx import model as lm
+from lctx.eval.api import DEFAULT_LENGTHS, DEFAULTS as EVAL_DEFAULTS, check_options
 # Stage resolution lives below training so loaders read run directories without it.
 from lctx.convert.run import stage_mesh_shape as mesh_shape
 from lctx.convert.run import stage_model_config as model_config
@@ -88,15 +90,16 @@ def base_config() -> ConfigDict:
 
     c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress-bar cadence
 
+    # End-of-run evaluation; defaults are python -m lctx.eval's (lctx.eval.api.DEFAULTS).
     c.eval = ConfigDict()
-    c.eval.lengths = (256, 512, 1024, 2048)  # held-out perplexity at these lengths
-    c.eval.stride = 256  # sliding-window stride: only the last `stride` tokens are scored
-    c.eval.max_tokens = 65536  # held-out tokens scored per length
-    c.eval.batch_size = 1
+    c.eval.lengths = DEFAULT_LENGTHS  # held-out perplexity at these lengths
+    c.eval.stride = EVAL_DEFAULTS["stride"]  # sliding window: only the last `stride` tokens score
+    c.eval.max_tokens = EVAL_DEFAULTS["max_tokens"]  # held-out tokens scored per length
+    c.eval.batch_size = EVAL_DEFAULTS["batch_size"]
     c.eval.tasks = ("ppl",)  # any of ppl, passkey, needle (lctx.eval)
-    c.eval.depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # passkey / needle depths
-    c.eval.trials = 4  # random keys / haystacks per (length, depth)
-    c.eval.seed = 0  # passkey keys
+    c.eval.depths = EVAL_DEFAULTS["depths"]  # passkey / needle depths
+    c.eval.trials = EVAL_DEFAULTS["trials"]  # random keys / haystacks per (length, depth)
+    c.eval.seed = EVAL_DEFAULTS["seed"]  # passkey keys
     return c
 
 
@@ -176,6 +179,22 @@ def _same_kind(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _model_errors(build) -> list[str]:
+    """The lines of the ValueError `build()` raises (a ModelConfig's validation), else []."""
+    try:
+        build()
+    except ValueError as err:
+        return [ln.strip() for ln in str(err).splitlines()[1:]] or [str(err)]
+    return []
+
+
+def _shared_model(config: ConfigDict) -> dict[str, Any]:
+    """config.model's overrides alone, without any stage's."""
+    values = {k: v for k, v in _as_dict(config.model).items() if v is not None and k != "preset"}
+    values["attention_options"] = dict(values.get("attention_options", {}))
+    return values
+
+
 def _stage_problems(config: ConfigDict, name: str, num_devices: int) -> list[str]:
     s = config.stages[name]
     key = f"stages.{name}"
@@ -202,18 +221,20 @@ def _stage_problems(config: ConfigDict, name: str, num_devices: int) -> list[str
     if problems:
         return problems
 
-    try:
-        mc = model_config(config, name)
-    except ValueError as err:
-        lines = [ln.strip() for ln in str(err).splitlines()[1:]] or [str(err)]
-        return [f"{key} model: {ln}" for ln in lines]
+    # Problems of config.model / config.mesh name those keys (problems() keeps one copy).
+    lines = _model_errors(lambda: model_config(config, name))
+    if lines:
+        shared = set(_model_errors(lambda: lm.preset(config.model.preset, **_shared_model(config))))
+        return [f"model.{ln}" if ln in shared else f"{key} model: {ln}" for ln in lines]
+    mc = model_config(config, name)
 
     sizes = mesh_shape(config, name, num_devices)
+    mesh_key = f"{key}.mesh" if s.get("mesh") is not None else "mesh"
     bad_axes = sorted(set(sizes) - set(MESH_AXES))
     if bad_axes:
-        return [f"{key} mesh: unknown axes {bad_axes}; allowed: {', '.join(MESH_AXES)}"]
+        return [f"{mesh_key}: unknown axes {bad_axes}; allowed: {', '.join(MESH_AXES)}"]
     if any(not isinstance(v, int) or v <= 0 for v in sizes.values()) or math.prod(sizes.values()) != num_devices:
-        return [f"{key} mesh={sizes}: the product of the axis sizes must equal the {num_devices} "
+        return [f"{mesh_key}={sizes}: the product of the axis sizes must equal the {num_devices} "
                 "devices (one axis may be -1 to fill)"]
     seq_len, batch = s.seq_len, s.batch_size
     data_parallel = sizes["data"] * sizes["fsdp"]
@@ -269,12 +290,11 @@ def problems(config: ConfigDict, num_devices: int) -> list[str]:
     found += _eval_problems(config)
     if config.init_from and not os.path.isdir(config.init_from):
         found.append(f"init_from={config.init_from!r}: no such checkpoint directory")
-    if config.checkpoint.every_steps < 0 or config.checkpoint.keep <= 0:
-        found.append(f"checkpoint: every_steps={config.checkpoint.every_steps} must be >= 0 and "
-                     f"keep={config.checkpoint.keep} > 0")
-    if config.log_every_steps <= 0:
-        found.append(f"log_every_steps={config.log_every_steps}: expected a positive int")
-    return found
+    for key in ("checkpoint.every_steps", "checkpoint.keep", "log_every_steps"):
+        value = config[key]
+        if value <= 0:
+            found.append(f"{key}={value}: expected a positive int")
+    return list(dict.fromkeys(found))  # a problem of the shared model or mesh: once, not per stage
 
 
 def _data_problems(config: ConfigDict) -> list[str]:
@@ -302,12 +322,10 @@ def _data_problems(config: ConfigDict) -> list[str]:
 
 
 def _eval_problems(config: ConfigDict) -> list[str]:
-    from lctx.eval.api import check_options
-
     e = config.eval
     options = dict(stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
                    depths=tuple(e.depths), trials=e.trials, seed=e.seed)
-    return [f"eval: {line}" for line in check_options(tuple(e.tasks), tuple(e.lengths), options)]
+    return [f"eval.{line}" for line in check_options(tuple(e.tasks), tuple(e.lengths), options)]
 
 
 def describe(config: ConfigDict) -> dict[str, Any]:
