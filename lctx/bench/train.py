@@ -18,6 +18,12 @@ import time
 
 import jax
 
+from lctx import data as ld
+from lctx import model as lm
+from lctx.bench import common
+from lctx.training import config as cfg
+from lctx.training import loop
+
 
 def _load_recipe(path: str):
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -54,13 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)
-
-    from lctx import data as ld
-    from lctx import model as lm
-    from lctx.bench import common
-    from lctx.training import config as cfg
-    from lctx.training import loop
-
     recipe = _load_recipe(args.config)
     problems = cfg.problems(recipe, jax.device_count())
     if problems:
