@@ -1,5 +1,6 @@
 """python -m lctx.bench.attention's parts: the public baseline and lctx's ring against
-reference_attention, the ring's tiles per device, the targets read from rows, flags."""
+reference_attention, the ring's tiles per device, the targets read from rows, flags
+(bad flags: tests/test_bad_input.py where lctx.cli lands)."""
 
 import pytest
 
@@ -51,10 +52,10 @@ def test_targets_from_rows():
     assert not growth["pass"] and targets["standard_shape"]
 
 
-def test_flops_and_bad_flags():
+def test_flops_and_flags():
+    """Two matmuls of 2*B*H*S^2*D, halved when causal; --quick's lengths and repeats."""
     assert attention_flops(1, 2, 8, 4, causal=False) == 4 * 2 * 8 * 8 * 4
     assert attention_flops(1, 2, 8, 4, causal=True) == 2 * 2 * 8 * 8 * 4
-    for argv in (["--impls", "ring,flash"], ["--lengths", "1000"]):
-        with pytest.raises(SystemExit) as exit_info:
-            attention.parse_settings(argv)
-        assert exit_info.value.code == 2
+    quick = attention.parse_settings(["--quick", "--impls", "ring,baseline"])
+    assert quick.lengths == (2048, 4096) and quick.repeats == 2
+    assert quick.impls == ("ring", "baseline") and quick.baseline_chunks == (256, 512)

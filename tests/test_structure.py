@@ -46,6 +46,7 @@ HEAVY_OPTIONAL = ("torch", "transformers", "safetensors", "accelerate", "gguf", 
 
 # Modules that may import anything inside functions, and why.
 LAZY_MODULES = {
+    "lctx": "`import lctx` stays light: lctx.load loads the library on first use",
     "lctx.train": "parses and checks its flags before JAX, the library and jax.distributed start",
     "lctx.eval.__main__": "parses and checks its flags before JAX and the library load",
 }
