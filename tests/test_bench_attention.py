@@ -1,6 +1,5 @@
 """python -m lctx.bench.attention's parts: the public baseline and lctx's ring against
-reference_attention, the ring's tiles per device, the targets read from rows, flags
-(bad flags: tests/test_bad_input.py where lctx.cli lands)."""
+reference_attention, the ring's tiles per device, the targets read from rows, flags."""
 
 import pytest
 
