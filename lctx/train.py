@@ -1,7 +1,7 @@
 """python -m lctx.train --config=configs/<recipe>.py [--config.a.b=value ...]
 
 Thin entry point: parse, validate (exit 2, one line per problem, no traceback),
-then hand the config to `lctx.training.run`. Rerunning the same command resumes.
+then hand the config to `lctx.training.loop.run`. Rerunning the same command resumes.
 
 Multi-process (one process per host of a TPU pod slice, or several CPU processes):
 the distributed runtime starts by itself on Cloud TPU VMs; elsewhere pass
