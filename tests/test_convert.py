@@ -183,6 +183,24 @@ def test_import_export_logits_match_transformers(rope_type, tmp_path):
     assert load_llama(out)[0] == config  # and the exported config reads back the same
 
 
+def test_head_dim_apart_from_hidden_size(tmp_path):
+    """Qwen3 / Gemma attention shapes: 4 heads of 32 on hidden 64, so q and o project
+    through 128; import, logits and export against transformers."""
+    hf_model = random_llama(hf_config(ROPE_SCALING["yarn"], head_dim=32))
+    assert hf_model.model.layers[0].self_attn.q_proj.weight.shape == (128, 64)
+    config, params = load_llama(save_hf(hf_model, tmp_path / "hf"))
+    assert (config.d_model, config.n_heads, config.head_dim) == (64, 4, 32)
+    toks = tokens(LONG)
+    got = lctx_logits(config, params, toks)
+    assert max_abs(got, hf_logits(hf_model, toks)) < ATOL
+    exported = load_hf(save_llama(config, params, tmp_path / "export"))
+    assert exported.config.head_dim == 32
+    state, original = hf_state(exported), hf_state(hf_model)
+    for name in original:
+        np.testing.assert_array_equal(state[name], original[name], err_msg=name)
+    assert max_abs(hf_logits(exported, toks), got) < ATOL
+
+
 def test_ntk_matches_default_rope_with_changed_base(tmp_path):
     """`ntk` has no HF type; it is plain RoPE with base b * s^(d/(d-2)), which HF has."""
     base, factor, d = 10000.0, 4.0, 16

@@ -68,6 +68,23 @@ def test_legacy_type_key_and_defaults():
     assert config.norm_eps == 1e-6  # LlamaConfig's default
 
 
+def test_head_dim_apart_from_hidden_size():
+    """Qwen3-0.6B's attention shapes on a LLaMA: 16 heads of 128 on hidden 1024 (q and o
+    project through 2048); head_dim is read from config.json and written back."""
+    hf = {**LLAMA_3_2_1B, "hidden_size": 1024, "num_attention_heads": 16,
+          "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
+          "num_hidden_layers": 28, "vocab_size": 151936}
+    config = config_from_hf(hf)
+    assert (config.d_model, config.n_heads, config.head_dim) == (1024, 16, 128)
+    shapes = expected_hf_shapes(config)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (2048, 1024)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 1024)
+    assert shapes["model.layers.0.self_attn.o_proj.weight"] == (1024, 2048)
+    assert config_to_hf(config)["head_dim"] == 128
+    # Qwen3-0.6B without its q/k norms (2 x 128 per layer): 596,049,920 parameters.
+    assert lm.param_count(config) == 596_049_920 - 28 * 2 * 128
+
+
 ROPES = [
     RopeConfig(),
     RopeConfig(rope_type="linear", factor=4, rope_theta=5e5),
@@ -117,7 +134,7 @@ def test_export_refuses_what_hf_llama_cannot_express(change, match):
      "rope: low_freq_factor=None: required for rope_type 'llama3'"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0.5}), "rope: factor=0.5: must be >= 1"),
     (dict(rope_scaling=[1, 2]), r"rope_scaling=\[1, 2\]: must be an object"),
-    (dict(head_dim=32), "head_dim=32: must equal d_model/n_heads"),
+    (dict(head_dim=15), "head_dim=15: must be a positive even int"),
 ])
 def test_bad_hf_configs(edit, match):
     hf = {k: v for k, v in {**LLAMA_3_2_1B, **edit}.items() if v is not None}

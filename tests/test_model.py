@@ -88,8 +88,8 @@ def test_param_logical_axes():
     assert axes["lm_head"]["kernel"] == ("embed", "vocab")
 
 
-def closed_form_count(V, D, L, H, K, F, tied):
-    hd = D // H
+def closed_form_count(V, D, L, H, K, F, tied, hd=None):
+    hd = hd or D // H
     attention = D * H * hd * 2 + D * K * hd * 2
     return V * D * (1 if tied else 2) + L * (attention + 3 * D * F + 2 * D) + D
 
@@ -108,6 +108,17 @@ def test_preset_parameter_counts(name, shape, approx):
         assert abs(count - approx) / approx < 0.005
     if name == "small":
         assert 2e6 < count < 8e6
+
+
+def test_head_dim_apart_from_d_model():
+    """Qwen3-style: 4 heads of 32 on d_model 64. q and o project between 64 and 128."""
+    config = model.preset("tiny", head_dim=32)
+    shapes = jax.tree.map(lambda a: a.shape, jax.eval_shape(functools.partial(model.init, config),
+                                                            jax.random.key(0)))
+    assert shapes["layers"]["attn"]["q"]["kernel"] == (2, 64, 4, 32)
+    assert shapes["layers"]["attn"]["k"]["kernel"] == (2, 64, 2, 32)
+    assert shapes["layers"]["attn"]["o"]["kernel"] == (2, 4, 32, 64)
+    assert model.param_count(config) == closed_form_count(384, 64, 2, 4, 2, 128, False, hd=32)
 
 
 def test_llama_presets_rope_and_dtypes():
@@ -145,8 +156,7 @@ def numpy_forward(params, tokens, positions, segments, *, n_heads, n_kv_heads, t
     tokens, positions, segments = (np.asarray(a) for a in (tokens, positions, segments))
     E = p["embed"]["embedding"]
     x = E[tokens]
-    D = x.shape[-1]
-    hd = D // n_heads
+    hd = p["layers"]["attn"]["q"]["kernel"].shape[-1]  # n_heads * hd may differ from d_model
 
     def rms(t, scale):
         return t / np.sqrt(np.mean(t * t, axis=-1, keepdims=True) + eps) * scale
@@ -185,10 +195,10 @@ def numpy_forward(params, tokens, positions, segments, *, n_heads, n_kv_heads, t
     return x @ (E.T if tied else p["lm_head"]["kernel"])
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_logits_equal_float64_numpy(tied):
+@pytest.mark.parametrize("tied, head_dim", [(False, None), (True, None), (False, 32)])
+def test_logits_equal_float64_numpy(tied, head_dim):
     config = model.preset("tiny", tie_embeddings=tied, rope=RopeConfig(rope_theta=500.0),
-                          attention_options={"block_q": 16, "block_k": 16})
+                          attention_options={"block_q": 16, "block_k": 16}, head_dim=head_dim)
     params = model.init(config, jax.random.key(1))
     tokens, positions, segments = packed_inputs(seq=32, seed=1)
     logits = model.forward(config, params, tokens, positions=positions, segment_ids=segments)
@@ -402,7 +412,6 @@ def test_dynamic_rope_scales_for_the_static_length():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(n_kv_heads=3), r"n_kv_heads=3: must divide n_heads=4"),
-    (dict(head_dim=32), r"head_dim=32: must equal d_model/n_heads = 64/4"),
     (dict(d_model=66), r"d_model=66: must be divisible by n_heads=4"),
     (dict(head_dim=15, d_model=60), r"head_dim=15: must be a positive even int"),
     (dict(attention_impl="flash"), r"attention_impl='flash': must be one of reference, "

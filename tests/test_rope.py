@@ -1,7 +1,11 @@
 """RoPE and its scaling family: formulas, transformers parity, precision, HF config round trip.
 
-Expected values come from float64 NumPy written here from the formulas (reference.md,
-"RoPE and its scaling family"), never from lctx.model.rope's own helpers.
+Expected values come from float64 NumPy written here from the papers' formulas, never
+from lctx.model.rope's own helpers: RoPE (RoFormer, arXiv:2104.09864), linear position
+interpolation (PI, arXiv:2306.15595), NTK-aware, dynamic NTK and YaRN's ramp and
+attention temperature (YaRN, arXiv:2309.00071), LongRoPE's per-pair factors
+(arXiv:2402.13753), and Llama 3.1's wavelength bands (the formula of transformers'
+`_compute_llama3_parameters`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@
         --name=probeB --mix=0.5 --passkey_share=1.0 --whole_docs --steps=400
 
 Pretrains like study.py (same tokenizer, model, batch, schedule, and its --mix,
---passkey_share, --copy_share, --filler, --doc_length and --whole_docs; OUT must hold the study's
-tokenizer and corpus)
+--passkey_share and --whole_docs; OUT must hold the study's tokenizer and corpus)
 for --steps steps, then scores every
 checkpoint on passkey prompts at the training length, teacher-forced: a prompt
 counts when the argmax at each answer position is the key's next token. That is
@@ -353,8 +352,7 @@ def main(argv: list[str]) -> None:
         results[step] = score(model_config, params, tokenizer, s["train_len"], _PROMPTS.value)
         print(f"step {step}: passkey@{s['train_len']} exact {results[step]['exact']:.2f}, "
               f"token accuracy {results[step]['token_accuracy']:.2f}", flush=True)
-    record = {key: s[key] for key in ("mix", "passkey_share", "copy_share", "filler",
-                                      "doc_length", "whole_docs")}
+    record = {key: s[key] for key in ("mix", "passkey_share", "whole_docs")}
     record |= {"init_from": _INIT_FROM.value, "lr": config.stages.pretrain.learning_rate,
                "by_step": results}
     if _CHECK.value:

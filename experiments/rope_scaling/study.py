@@ -43,14 +43,6 @@ _SHARE_BASE = flags.DEFINE_bool(
     "and passkey keys over seeds: the cheap variant when the CPU is short.")
 _MIX = flags.DEFINE_float("mix", None, "Override data.mix.fraction (synthetic share of tokens).")
 _PASSKEY_SHARE = flags.DEFINE_float("passkey_share", None, "Override data.mix.passkey_share.")
-_COPY_SHARE = flags.DEFINE_float("copy_share", None, "Override data.mix.copy_share.")
-_FILLER = flags.DEFINE_enum(
-    "filler", None, ["cycle", "shuffled"], "data.mix.filler: the passkey training documents' "
-    "filler in the evaluation's fixed cycle or as random sentences.")
-_DOC_LENGTH = flags.DEFINE_enum(
-    "doc_length", None, ["random", "full"], "data.mix.doc_length: synthetic documents of "
-    "random length (a quarter to a whole row) or whole rows (key distances uniform over the "
-    "training length).")
 _WHOLE_DOCS = flags.DEFINE_bool(
     "whole_docs", False, "Pack with data.whole_docs: a document that fits a row is never split "
     "(with plain packing about a quarter of the passkey questions lose their key).")
@@ -70,7 +62,6 @@ _PLOTS = flags.DEFINE_string("plots", "", "Also copy the plots here (e.g. experi
 FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
             pretrain_steps=1200, pretrain_batch=16, pretrain_lr=3e-3,
             ft_steps=100, ft_batch=4, ft_lr=5e-4, ft_every=10, mix=0.25, passkey_share=0.7,
-            copy_share=0.0, filler="cycle", doc_length="random",
             retrieval_steps=0, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
             ft_mix="pretrain",
             lengths=(256, 512, 1024, 2048, 4096), short=32, stride=256, max_tokens=4096,
@@ -79,8 +70,7 @@ FULL = dict(preset="small", corpus_dir="", vocab=2048, train_len=256, factor=4,
 QUICK = dict(preset="tiny", corpus_dir="TEST", vocab=384, train_len=64, factor=2,
              pretrain_steps=4, pretrain_batch=8, pretrain_lr=3e-3,
              ft_steps=2, ft_batch=8, ft_lr=1e-3, ft_every=2, mix=0.2, passkey_share=0.5,
-             copy_share=0.0, filler="cycle", doc_length="random",
-             retrieval_steps=2, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
+              retrieval_steps=2, retrieval_mix=0.5, retrieval_passkey_share=1.0, retrieval_lr=1e-3,
              ft_mix="pretrain",
              lengths=(64, 128), short=16, stride=32, max_tokens=256,
              check_tokens=256, depths=(0.5,), trials=1, curve_tokens=128,
@@ -147,9 +137,6 @@ def run_config(out: str, s: dict, name: str, seed: int, tokenizer: str, stages: 
     c.data.validation_fraction = s["validation_fraction"]
     c.data.mix.fraction = s["mix"]
     c.data.mix.passkey_share = s["passkey_share"]
-    c.data.mix.filler = s["filler"]
-    c.data.mix.copy_share = s["copy_share"]
-    c.data.mix.doc_length = s["doc_length"]
     c.data.whole_docs = s["whole_docs"]
     c.stage_order = tuple(stages)
     vocab = int(math.ceil(s["vocab"] / 128) * 128)  # the tokenizer's ids, padded for TP
@@ -547,8 +534,6 @@ def sizes_from_flags() -> dict:
               "stage)", file=sys.stderr)
         sys.exit(2)
     for key, flag in (("mix", _MIX), ("passkey_share", _PASSKEY_SHARE),
-                      ("copy_share", _COPY_SHARE), ("filler", _FILLER),
-                      ("doc_length", _DOC_LENGTH),
                       ("retrieval_steps", _RETRIEVAL_STEPS), ("retrieval_mix", _RETRIEVAL_MIX),
                       ("retrieval_lr", _RETRIEVAL_LR), ("ft_mix", _FT_MIX), ("ft_lr", _FT_LR)):
         if flag.value is not None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 GIB = 1024**3
 
@@ -181,7 +182,7 @@ def environment_info() -> dict[str, Any]:
     """What the numbers depend on: versions, devices, cores, date."""
     return {
         "jax_version": jax.__version__,
-        "jaxlib_version": _jaxlib_version(),
+        "jaxlib_version": jaxlib.__version__,
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
         "devices": [str(d) for d in jax.devices()],
@@ -190,15 +191,6 @@ def environment_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):  # pragma: no cover
-        return None
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

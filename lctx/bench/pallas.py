@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from lctx.bench import common
+from lctx.bench.attention_setup import (FWD_BWD_FLOP_FACTOR, Settings, attention_flops,
+                                        make_inputs)
+from lctx.kernels import attention
 
 # Dense bf16 FLOP/s per device (a megacore v4/v5p device is both TensorCores).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -44,11 +47,8 @@ def device_peak(device) -> tuple[str, float | None]:
     return device.device_kind, None
 
 
-def run(settings) -> int:
+def run(settings: Settings) -> int:
     """Measures every (length, block_q, block_k) of `settings` (lctx.bench.attention's)."""
-    from lctx.bench.attention import FWD_BWD_FLOP_FACTOR, attention_flops, make_inputs
-    from lctx.kernels import attention
-
     device = jax.devices()[0]
     interpret = device.platform not in ("tpu", "gpu")
     label, peak = device_peak(device)

@@ -17,6 +17,11 @@ import time
 import jax
 
 from lctx import cli
+from lctx import data as ld
+from lctx import model as lm
+from lctx.bench import common
+from lctx.training import config as cfg
+from lctx.training import loop
 
 
 def model_flops(param_count: int, n_layers: int, n_heads: int, head_dim: int, batch: int,
@@ -48,13 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)
-
-    from lctx import data as ld
-    from lctx import model as lm
-    from lctx.bench import common
-    from lctx.training import config as cfg
-    from lctx.training import loop
-
     recipe = cli.load_config_file("config", args.config)
     problems = cfg.problems(recipe, jax.device_count())
     if problems:

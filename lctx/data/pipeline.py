@@ -36,16 +36,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 from absl import flags
 
+from lctx.data.synthetic import Mix, mix_documents
 from lctx.data.tokenizer import Tokenizer, encode_document
-
-if TYPE_CHECKING:
-    from lctx.data.synthetic import Mix
 
 Row = dict[str, np.ndarray]  # int32 [seq_len] per key
 Batch = dict[str, np.ndarray]  # int32 [batch, seq_len] per key
@@ -205,7 +203,7 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                  shard_index: int = 0, shard_count: int = 1, text_key: str = "text",
                  min_doc_len: int = 0, num_epochs: int | None = None, interleave: int = 16,
                  shuffle_window: int = 0, num_workers: int = 0, prefetch_batches: int = 2,
-                 mix: "Mix | None" = None, whole_docs: bool = False) -> grain.IterDataset:
+                 mix: Mix | None = None, whole_docs: bool = False) -> grain.IterDataset:
     """Batches of packed rows: dict of int32 `[batch_size, seq_len]` under BATCH_KEYS.
 
     source: random-access records (a TFDS data source, a list of dicts); record[text_key]
@@ -246,8 +244,6 @@ def make_dataset(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
     docs = docs.repeat(num_epochs).map(
         functools.partial(tokenize_record, tokenizer=tokenizer, text_key=text_key))
     if mix is not None and mix.fraction > 0:  # synthetic retrieval documents (data.mix.*)
-        from lctx.data.synthetic import mix_documents
-
         shard_source = grain.MapDataset.source(source)[shard_index::shard_count]
         docs, real_share = mix_documents(docs, shard_source, mix, tokenizer=tokenizer,
                                          text_key=text_key, seq_len=seq_len,

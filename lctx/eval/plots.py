@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
+import numpy as np
+
 
 def _pyplot():
     import matplotlib
@@ -70,8 +72,6 @@ def plot_heatmap(grid: Mapping[int, Mapping[float, float]], path: str, *,
                  title: str = "needle in a haystack") -> str:
     """grid {length: {depth: accuracy}}: length on x, depth (%) on y, red (0) to green (1);
     cells without a value (lengths skipped) are grey."""
-    import numpy as np
-
     plt = _pyplot()
     lengths = sorted(grid)
     depths = sorted({d for row in grid.values() for d in row})

@@ -19,29 +19,16 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+# The text formats live in data (training's synthetic documents use them too); they are
+# re-exported here as the evaluation's formats.
+from lctx.data.prompts import (FILLER, INSTRUCTION, KEY_LINE, QUESTION,  # noqa: F401
+                               SHORT_INSTRUCTION, Needle, filler_text, largest_fitting,
+                               needle_text, passkey_keys, passkey_text, sentence_boundary)
 from lctx.data.tokenizer import Tokenizer
 
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-               "memorize them. I will quiz you about the important information there.")
-SHORT_INSTRUCTION = "Remember the pass key."
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-          "There and back again.")
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
 MIN_FILLER_FRACTION = 0.75
 # The needle, question and answer are long; below half the prompt it is no haystack.
 MIN_HAYSTACK_FRACTION = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class Needle:
-    """A needle sentence, the question that asks for it, and the answer that must follow."""
-
-    sentence: str = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores "
-                     "Park on a sunny day.")
-    question: str = "What is the best thing to do in San Francisco?"
-    answer_prefix: str = "The best thing to do in San Francisco is"
-    answer: str = "eat a sandwich and sit in Dolores Park on a sunny day"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,40 +44,6 @@ class Prompt:
 
 def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
-
-
-def filler_text(sentences: int) -> str:
-    """`sentences` filler sentences, cycling through FILLER (5 make the standard block)."""
-    return " ".join(FILLER[i % len(FILLER)] for i in range(sentences))
-
-
-def passkey_text(key: str, before: int, after: int, instruction: str,
-                 sentences: Sequence[str] | None = None) -> str:
-    """The passkey prompt with `before` / `after` filler sentences around the key line.
-
-    sentences: the filler in order (at least before + after of them); None takes the
-    standard FILLER cycle, restarted after the key line.
-    """
-    if sentences is None:
-        head, tail = filler_text(before), filler_text(after)
-    else:
-        if len(sentences) < before + after:
-            raise ValueError(f"{len(sentences)} filler sentences for before={before} + "
-                             f"after={after}")
-        head, tail = " ".join(sentences[:before]), " ".join(sentences[before:before + after])
-    parts = [instruction, head, KEY_LINE.format(key=key), tail, QUESTION]
-    return " ".join(p for p in parts if p)
-
-
-def _largest(fits, hi: int) -> int:
-    """Largest n in [0, hi] with fits(n) (fits is monotone decreasing), or -1."""
-    if not fits(0):
-        return -1
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
 
 
 def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
@@ -109,7 +62,7 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
             before = int(round(depth * n))
             return passkey_text(key, before, n - before, instruction)
 
-        n = _largest(lambda n: len(_encode(tokenizer, text(n))) <= budget, 4 * max(budget, 1))
+        n = largest_fitting(lambda n: len(_encode(tokenizer, text(n))) <= budget, 4 * max(budget, 1))
         if n <= 0:
             continue
         ids = _encode(tokenizer, text(n))
@@ -120,25 +73,10 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
     return None
 
 
-def passkey_keys(rng: np.random.Generator, count: int) -> list[str]:
-    """`count` random 5-digit keys."""
-    return [str(k) for k in rng.integers(10000, 100000, size=count)]
-
-
 def score_passkey(continuation: str, key: str) -> bool:
     """Exact match of the first number in the continuation with the key."""
     found = re.match(r"\s*(\d+)", continuation)
     return found is not None and found.group(1) == key
-
-
-def sentence_boundary(text: str, offset: int) -> int:
-    """The largest position <= offset that starts a line or follows a sentence end ('. ')."""
-    offset = min(max(offset, 0), len(text))
-    line = text.rfind("\n", 0, offset)
-    sentence = max(text.rfind(". ", 0, offset - 1), text.rfind("? ", 0, offset - 1),
-                   text.rfind("! ", 0, offset - 1))
-    candidates = [line + 1 if line >= 0 else 0, sentence + 2 if sentence >= 0 else 0]
-    return max(c for c in candidates if c <= offset)
 
 
 def haystack_ids(tokenizer: Tokenizer, texts: Iterable[str], tokens: int) -> np.ndarray:
@@ -151,18 +89,6 @@ def haystack_ids(tokenizer: Tokenizer, texts: Iterable[str], tokens: int) -> np.
         if total >= tokens:
             break
     return np.concatenate(pieces)[:tokens] if pieces else np.zeros(0, np.int32)
-
-
-def needle_text(haystack: str, depth: float, needle: Needle) -> tuple[str, int]:
-    """(prompt text, needle character offset): the needle at `depth` of the haystack,
-    moved back to a line or sentence boundary, then the question and answer prefix."""
-    cut = sentence_boundary(haystack, int(depth * len(haystack)))
-    before, after = haystack[:cut], haystack[cut:]
-    sep = "" if not before or before.endswith(("\n", " ")) else " "
-    text = f"{before}{sep}{needle.sentence} {after}"
-    if not text.endswith("\n"):
-        text += "\n"
-    return text + f"{needle.question}\n{needle.answer_prefix}", len(before) + len(sep)
 
 
 def needle_prompt(tokenizer: Tokenizer, haystack: np.ndarray, length: int, depth: float,

@@ -32,7 +32,9 @@ class ModelConfig:
     """A LLaMA-style decoder: pre-RMSNorm blocks, RoPE, GQA attention, SwiGLU MLP.
 
     Field names follow the rest of lctx; `head_dim=None` means d_model // n_heads
-    (filled in at construction; LLaMA requires d_model == n_heads * head_dim).
+    (filled in at construction). head_dim may be set apart from d_model (Qwen3 and
+    Gemma shapes: n_heads * head_dim != d_model): q projects `[d_model] -> [n_heads,
+    head_dim]`, k and v to `[n_kv_heads, head_dim]`, o back to `[d_model]`.
     """
 
     vocab_size: int
@@ -103,10 +105,6 @@ class ModelConfig:
                 bad("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         elif not _positive_int(self.head_dim) or self.head_dim % 2:
             bad("head_dim", self.head_dim, "must be a positive even int (RoPE rotates pairs)")
-        elif _positive_int(self.n_heads) and self.head_dim * self.n_heads != self.d_model:
-            bad("head_dim", self.head_dim,
-                f"must equal d_model/n_heads = {self.d_model}/{self.n_heads} "
-                "(LLaMA: d_model = n_heads x head_dim)")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             bad("norm_eps", self.norm_eps, "must be a positive float")
         for key in ("param_dtype", "dtype"):

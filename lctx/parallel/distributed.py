@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
 ENV_COORDINATOR = "LCTX_COORDINATOR"
@@ -185,8 +186,6 @@ def gather_shard_states(state: Any, shard_index: int, shard_count: int) -> list[
     """
     if jax.process_count() == 1:
         return [state]
-    from jax.experimental import multihost_utils
-
     encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.array([len(encoded), shard_index], np.int64))
     padded = np.zeros(int(lengths[:, 0].max()), np.uint8)
@@ -206,8 +205,6 @@ def run_on_process_zero_first(fn, name: str):
     every process needs but only one should write on a shared disk."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     result = fn() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices(name)
     return result if jax.process_index() == 0 else fn()

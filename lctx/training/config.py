@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import ConfigDict
 
 from lctx import model as lm
+from lctx.data.synthetic import mix_problems
 from lctx.eval.api import DEFAULT_LENGTHS, DEFAULTS as EVAL_DEFAULTS, check_options
 # Stage resolution lives below training so loaders read run directories without it.
 from lctx.convert.run import stage_mesh_shape as mesh_shape
@@ -65,9 +66,6 @@ def base_config() -> ConfigDict:
     c.data.mix = ConfigDict()
     c.data.mix.fraction = 0.0  # share of training tokens that are synthetic (0: off)
     c.data.mix.passkey_share = 0.5  # share of synthetic documents in passkey format (rest needle)
-    c.data.mix.filler = "cycle"  # cycle (the eval's fixed filler) | shuffled (random sentences)
-    c.data.mix.copy_share = 0.0  # share of synthetic documents that repeat a random sequence
-    c.data.mix.doc_length = "random"  # random (seq_len/4..seq_len tokens) | full (whole rows)
 
     c.stage_order = ()  # stage names in the order they run (ConfigDict sorts its keys)
     c.stages = ConfigDict()
@@ -315,8 +313,6 @@ def _data_problems(config: ConfigDict) -> list[str]:
         found.append(f"data.validation_fraction={d.validation_fraction}: expected a value in (0, 1)")
     if d.dedup not in ("none", "exact", "near"):
         found.append(f"data.dedup={d.dedup!r}: expected none, exact or near")
-    from lctx.data.synthetic import mix_problems
-
     found += mix_problems(d.mix)
     return found
 
