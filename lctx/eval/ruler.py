@@ -81,18 +81,15 @@ def insert_sentences(haystack: str, placed: Sequence[tuple[float, str]]) -> tupl
     offsets[i] is where sentence i starts in the text."""
     cuts = [sentence_boundary(haystack, int(depth * len(haystack))) for depth, _ in placed]
     order = sorted(range(len(placed)), key=lambda i: (cuts[i], i))
-    pieces, offsets, done, length = [], [0] * len(placed), 0, 0
+    text, offsets, done = "", [0] * len(placed), 0
     for i in order:
-        before = haystack[done:cuts[i]]
-        sep = "" if not (pieces or before) or (pieces + [before])[-1].endswith(("\n", " ")) else " "
-        pieces += [before, sep]
-        length += len(before) + len(sep)
-        offsets[i] = length
-        pieces.append(placed[i][1] + " ")
-        length += len(placed[i][1]) + 1
+        text += haystack[done:cuts[i]]
+        if text and not text.endswith(("\n", " ")):
+            text += " "
+        offsets[i] = len(text)
+        text += placed[i][1] + " "
         done = cuts[i]
-    pieces.append(haystack[done:])
-    return "".join(pieces), offsets
+    return text + haystack[done:], offsets
 
 
 def has_chat_template(tokenizer: Tokenizer) -> bool:
