@@ -1,4 +1,4 @@
-"""`python -m lctx.convert hf-to-lctx|lctx-to-hf ...`: see lctx.convert.cli."""
+"""`python -m lctx.convert hf-to-lctx|gguf-to-lctx|lctx-to-hf ...`: see lctx.convert.cli."""
 
 import sys
 

@@ -4,6 +4,7 @@ Layout of a checkpoint directory:
 
     <dir>/model_config.json   ModelConfig fields (rope as a nested object)
     <dir>/params/             orbax StandardCheckpointer tree, lctx's parameter layout
+    <dir>/tokenizer.json      optional (with tokenizer_config.json): the model's tokenizer
 
 `python -m lctx.convert` writes and reads this layout; the config JSON is plain
 data (no pickles, no code), so any tool can inspect it.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -66,22 +69,42 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 def check_new_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
-    """The absolute checkpoint path; ValueError if it already holds parameters (never overwritten)."""
+    """The absolute checkpoint path; ValueError if it already holds files (never overwritten)."""
     ckpt = Path(ckpt_dir).absolute()  # orbax wants absolute paths
     if (ckpt / PARAMS_DIR).exists():
         raise ValueError(f"{ckpt / PARAMS_DIR}: already exists; choose a new output directory")
+    if ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):
+        raise ValueError(f"{ckpt}: already exists and is not an empty directory; choose a new "
+                         "output directory")
     return ckpt
 
 
-def save_checkpoint(config: ModelConfig, params: Params, ckpt_dir: str | os.PathLike) -> Path:
-    """Writes `params` (orbax) and `config` (JSON) under ckpt_dir; refuses to overwrite params."""
+def save_checkpoint(config: ModelConfig, params: Params, ckpt_dir: str | os.PathLike, *,
+                    tokenizer: Any = None) -> Path:
+    """Writes `params` (orbax), `config` (JSON) and `tokenizer` (anything with `.save(dir)`,
+    e.g. a HuggingFaceTokenizer: tokenizer.json + tokenizer_config.json) as ckpt_dir.
+
+    Everything is written into a temporary sibling renamed into place at the end, so a
+    failure never leaves a half-written checkpoint. Refuses a non-empty ckpt_dir.
+    """
     import orbax.checkpoint as ocp  # heavy; only the CLI paths need it
 
     ckpt = check_new_checkpoint(ckpt_dir)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(ckpt / PARAMS_DIR, params)
-    (ckpt / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    partial = ckpt.parent / f".{ckpt.name}.partial-{uuid.uuid4().hex[:12]}"
+    partial.mkdir()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(partial / PARAMS_DIR, params)
+        (partial / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(partial)
+        if ckpt.exists():
+            ckpt.rmdir()  # empty (checked above); rename needs the name free
+        partial.rename(ckpt)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return ckpt
 
 

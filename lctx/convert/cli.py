@@ -1,18 +1,23 @@
 """Command line for checkpoint conversion (thin: parse, call lctx.convert, report).
 
     python -m lctx.convert hf-to-lctx --hf_dir=path/to/Llama-3.2-1B --out=ckpt/llama3_1b
+    python -m lctx.convert gguf-to-lctx --gguf=SmolLM2-135M-Instruct.Q4_1.gguf --out=ckpt/smollm2
     python -m lctx.convert lctx-to-hf --ckpt=ckpt/llama3_1b --out=hf_out/ [--max_shard_size=5GB]
 
-An lctx checkpoint is `<dir>/model_config.json` + `<dir>/params/` (orbax). Bad
-input prints one line `lctx.convert: error: ...` and exits with status 2.
+An lctx checkpoint is `<dir>/model_config.json` + `<dir>/params/` (orbax), plus
+`tokenizer.json` + `tokenizer_config.json` when the source has a tokenizer (GGUF);
+lctx-to-hf copies those beside the safetensors. Bad input prints one line
+`lctx.convert: error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lctx.convert.checkpoint import check_new_checkpoint, load_checkpoint, save_checkpoint
 from lctx.convert.hf import load_llama, save_llama
@@ -38,8 +43,8 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lctx.convert",
-        description="Convert LLaMA checkpoints between Hugging Face (safetensors) and lctx "
-                    "(orbax params + model_config.json).")
+        description="Convert LLaMA checkpoints between Hugging Face (safetensors), GGUF and "
+                    "lctx (orbax params + model_config.json).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     to_lctx = commands.add_parser(
         "hf-to-lctx", help="Hugging Face LLaMA directory -> lctx checkpoint",
@@ -49,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     to_lctx.add_argument("--out", required=True, help="new lctx checkpoint directory")
     to_lctx.add_argument("--param_dtype", choices=("float32", "bfloat16", "float16"),
                          default=None, help="parameter dtype (default: the checkpoint's)")
+    from_gguf = commands.add_parser(
+        "gguf-to-lctx", help="llama.cpp GGUF file (llama architecture) -> lctx checkpoint",
+        description="Dequantizes every tensor to float32 and writes OUT/model_config.json, "
+                    "OUT/params (orbax) and the GGUF's tokenizer (OUT/tokenizer.json, "
+                    "OUT/tokenizer_config.json with the chat template).")
+    from_gguf.add_argument("--gguf", required=True, help="GGUF file")
+    from_gguf.add_argument("--out", required=True, help="new lctx checkpoint directory")
+    from_gguf.add_argument("--param_dtype", choices=("float32", "bfloat16", "float16"),
+                           default="float32", help="parameter dtype (default float32)")
     to_hf = commands.add_parser(
         "lctx-to-hf", help="lctx checkpoint -> Hugging Face LLaMA directory",
         description="Writes config.json + safetensors that "
@@ -69,10 +83,28 @@ def hf_to_lctx(hf_dir: str, out: str, param_dtype: str | None) -> str:
             f"rope {config.rope.rope_type}, {config.param_dtype})")
 
 
-def lctx_to_hf(ckpt: str, out: str, max_shard_size: int) -> str:
+def gguf_to_lctx(gguf: str, out: str, param_dtype: str) -> str:
     """Converts and returns a one-line summary."""
+    from lctx.convert.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+
+    check_new_checkpoint(out)
+    file = GGUFFile(gguf)
+    config, params = load_gguf(file, param_dtype=param_dtype)
+    path = save_checkpoint(config, params, out, tokenizer=tokenizer_from_gguf(file))
+    return (f"wrote lctx checkpoint {path} with its tokenizer ({config.n_layers} layers, "
+            f"d_model {config.d_model}, vocab {config.vocab_size}, {config.param_dtype})")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def lctx_to_hf(ckpt: str, out: str, max_shard_size: int) -> str:
+    """Converts (tokenizer files copied along) and returns a one-line summary."""
     config, params = load_checkpoint(ckpt)
     path = save_llama(config, params, out, max_shard_bytes=max_shard_size)
+    for name in TOKENIZER_FILES:
+        if (Path(ckpt) / name).is_file():
+            shutil.copyfile(Path(ckpt) / name, path / name)
     return f"wrote Hugging Face LLaMA directory {path}"
 
 
@@ -82,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "hf-to-lctx":
             summary = hf_to_lctx(args.hf_dir, args.out, args.param_dtype)
+        elif args.command == "gguf-to-lctx":
+            summary = gguf_to_lctx(args.gguf, args.out, args.param_dtype)
         else:
             summary = lctx_to_hf(args.ckpt, args.out, args.max_shard_size)
     except (ValueError, OSError, ImportError) as err:

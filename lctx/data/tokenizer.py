@@ -169,7 +169,11 @@ _HF_SPECIAL_NAMES = {
 class HuggingFaceTokenizer(Tokenizer):
     """A `tokenizer.json` (no hub access). BOS/EOS/PAD come from a `tokenizer_config.json`
     beside it when there is one, else from common special-token names; PAD falls back
-    to EOS. Specials are not added by `encode` (`encode_document` adds BOS/EOS)."""
+    to EOS. Specials are not added by `encode` (`encode_document` adds BOS/EOS).
+
+    `chat_template` (a Jinja string or None) and `add_bos` (whether the model expects
+    BOS before a prompt) come from the same tokenizer_config.json.
+    """
 
     def __init__(self, path: str):
         file = Path(path).expanduser()
@@ -177,16 +181,26 @@ class HuggingFaceTokenizer(Tokenizer):
             file = file / "tokenizer.json"
         self.path = str(file)
         self._load(_read_local_file(self.path, "tokenizer.json").decode("utf-8"),
-                   _config_specials(file.parent / "tokenizer_config.json"))
+                   _read_config(file.parent / TOKENIZER_CONFIG))
 
-    def _load(self, json_text: str, configured: dict[str, str]) -> None:
+    @classmethod
+    def from_json(cls, json_text: str, config: dict[str, Any], *, name: str = "<memory>"
+                  ) -> HuggingFaceTokenizer:
+        """A tokenizer from tokenizer.json text and a tokenizer_config.json dict."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.path = name
+        tokenizer._load(json_text, config)
+        return tokenizer
+
+    def _load(self, json_text: str, config: dict[str, Any]) -> None:
         import tokenizers  # an optional dependency of this one tokenizer
 
-        self._json, self._configured = json_text, configured
+        self._json, self._config = json_text, config
         try:
             self._tok = tokenizers.Tokenizer.from_str(json_text)
         except Exception as e:  # the library raises a bare Exception for bad JSON
             raise ValueError(f"tokenizer {self.path!r}: not a tokenizer.json ({e})") from None
+        self._configured = _config_specials(config)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id("bos")
         self.eos_id = self._special_id("eos")
@@ -194,6 +208,8 @@ class HuggingFaceTokenizer(Tokenizer):
             self.pad_id = self._special_id("pad")
         except ValueError:
             self.pad_id = self.eos_id
+        self.chat_template: str | None = config.get("chat_template")
+        self.add_bos = bool(config.get("add_bos_token", False))
 
     def _special_id(self, kind: str) -> int:
         names = ((self._configured[kind],) if kind in self._configured
@@ -206,11 +222,20 @@ class HuggingFaceTokenizer(Tokenizer):
                          "put a tokenizer_config.json with bos_token/eos_token beside it")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "json": self._json, "configured": self._configured}
+        return {"path": self.path, "json": self._json, "config": self._config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
-        self._load(state["json"], state["configured"])
+        self._load(state["json"], state["config"])
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes tokenizer.json and tokenizer_config.json into `directory`; returns it."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(self._json, encoding="utf-8")
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(self._config, indent=2, ensure_ascii=False)
+                                            + "\n", encoding="utf-8")
+        return out
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -219,11 +244,16 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def _config_specials(config_file: Path) -> dict[str, str]:
-    """{"bos": ..., "eos": ..., "pad": ...} named by a tokenizer_config.json, if it exists."""
-    if not config_file.is_file():
-        return {}
-    config = json.loads(config_file.read_text())
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """The parsed tokenizer_config.json beside a tokenizer.json ({} when absent)."""
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def _config_specials(config: dict[str, Any]) -> dict[str, str]:
+    """{"bos": ..., "eos": ..., "pad": ...}: the special tokens a tokenizer_config names."""
     found = {}
     for kind in ("bos", "eos", "pad"):
         value = config.get(f"{kind}_token")

@@ -19,11 +19,13 @@ import jax
 import numpy as np
 
 from lctx import model as lm
+from lctx.convert.run import open_run_corpus, read_run_config, stage_mesh_shape
 from lctx.data.tokenizer import Tokenizer
 from lctx.eval import plots
 from lctx.eval.perplexity import perplexity_by_length
 from lctx.eval.tasks import TASKS, EvalContext, Task
 from lctx.infer import generate
+from lctx.models import load, with_rope_scaling  # noqa: F401  (with_rope_scaling: re-export)
 
 DEFAULT_TASKS = ("ppl", "passkey", "needle")
 # The one set of defaults: python -m lctx.eval's flags and a run's config.eval read these.
@@ -122,16 +124,6 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
     return results
 
 
-def with_rope_scaling(model_config: lm.ModelConfig, scaling: Mapping[str, Any] | None
-                      ) -> lm.ModelConfig:
-    """The model with an HF-style rope_scaling dict (None: plain RoPE) on its rope_theta and
-    max_position_embeddings (dynamic NTK's L)."""
-    hf = {"rope_theta": model_config.rope.rope_theta,
-          "max_position_embeddings": model_config.max_position_embeddings,
-          "rope_scaling": dict(scaling) if scaling else None}
-    return model_config.replace(rope=lm.RopeConfig.from_hf(hf)).validate()
-
-
 def _tasks_in(results: Mapping[str, Any]) -> list[Task]:
     """The registered tasks with a section in `results`, in the order they ran."""
     return [TASKS[key] for key in results if key in TASKS]
@@ -167,44 +159,10 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def load_run(workdir: str, step: int | None = None):
-    """(config, stage model config, params, step, stage name) of a run directory's checkpoint."""
-    from ml_collections import ConfigDict
-
-    from lctx.training import loop
-    from lctx.training.checkpoint import Checkpointer
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"workdir={workdir!r}: no config.json; expected a run directory of "
-                         "python -m lctx.train")
-    with open(path) as f:
-        raw = json.load(f)
-    config = ConfigDict(_tuples(raw))
-    directory = config.checkpoint.get("directory", "") or os.path.join(workdir, "checkpoints")
-    checkpointer = Checkpointer(directory, every_steps=0, keep=1000, async_save=False)
-    try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise ValueError(f"workdir={workdir!r}: no checkpoints in {checkpointer.directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ValueError(f"step={step}: no such checkpoint; available: {steps}")
-        meta = checkpointer.read_meta(step)
-        stage = loop._build_stage(config, meta["stage_index"])
-        state = checkpointer.restore_state(step, loop._abstract_state(stage))
-    finally:
-        checkpointer.close()
-    return config, stage.model_config, state.params, step, meta["stage"]
-
-
-def _tuples(value):
-    """JSON lists back to tuples (ConfigDict fields such as stage_order are tuples)."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
+    """(run config, stage model config, params, step, stage name) of a run directory's
+    checkpoint (latest, or `step`), loaded through lctx.load."""
+    model = load(workdir if step is None else f"{workdir}@{step}")
+    return read_run_config(workdir), model.config, model.params, model.step, model.stage
 
 
 def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAULT_TASKS,
@@ -218,25 +176,19 @@ def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAU
     problems = check_options(tasks, lengths, options)
     if problems:
         raise ValueError("invalid evaluation arguments: " + "; ".join(problems))
-    from lctx.training import config as cfg
-    from lctx.training.loop import open_run_corpus
-    from lctx import data as ld
-
-    config, model_config, params, step, stage = load_run(workdir, step)
-    scaling = options.pop("rope_scaling", None)
-    if scaling is not None:
-        model_config = with_rope_scaling(model_config, scaling)
+    config = read_run_config(workdir)  # first: names a missing config.json plainly
+    model = load(workdir if step is None else f"{workdir}@{step}",
+                 rope_scaling=options.pop("rope_scaling", None))
+    model_config, params, step, stage = model.config, model.params, model.step, model.stage
     corpus = open_run_corpus(config, os.path.abspath(workdir))
-    tokenizer = ld.make_tokenizer(config.data.tokenizer)
     training = [config.stages[n].seq_len for n in config.stage_order]
-    sizes = cfg.mesh_shape(config, stage, jax.device_count())
     mesh = None
     if model_config.attention_impl in ("ring", "ulysses"):
         from lctx import parallel
 
-        mesh = parallel.make_mesh(**sizes)
+        mesh = parallel.make_mesh(**stage_mesh_shape(config, stage, jax.device_count()))
     out_dir = os.path.join(workdir, "eval")
-    results = evaluate_model(model_config, params, tokenizer, corpus.splits["validation"],
+    results = evaluate_model(model_config, params, model.tokenizer, corpus.splits["validation"],
                              text_key=corpus.text_key, tasks=tasks, lengths=lengths,
                              out_dir=None, training_lengths=training, label=f"step {step}",
                              mesh=mesh, **options)

@@ -210,10 +210,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _rope_from_scaling(scaling: RopeConfig | Mapping[str, Any] | None, base: RopeConfig,
-                       max_position_embeddings: int) -> RopeConfig:
-    """A `rope_scaling` override as a RopeConfig: as given, or an HF-style dict read on top
-    of the preset's rope_theta."""
+def rope_from_scaling(scaling: RopeConfig | Mapping[str, Any] | None, base: RopeConfig,
+                      max_position_embeddings: int) -> RopeConfig:
+    """A `rope_scaling` override as a RopeConfig: as given, or an HF-style dict (None:
+    plain RoPE) read on top of `base`'s rope_theta and the model's context length."""
     if isinstance(scaling, RopeConfig):
         return scaling
     hf = {"rope_theta": base.rope_theta, "max_position_embeddings": max_position_embeddings,
@@ -244,7 +244,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     scaling = values.pop("rope_scaling", values["rope"])
     max_len = values["max_position_embeddings"]
     try:
-        rope = _rope_from_scaling(scaling, values["rope"], max_len)
+        rope = rope_from_scaling(scaling, values["rope"], max_len)
     except ValueError as err:  # RopeConfig's own checks, one line per problem
         lines = str(err).splitlines()
         raise ValueError("invalid model config:\n  " + "\n  ".join(

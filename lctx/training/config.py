@@ -17,6 +17,9 @@ from ml_collections import ConfigDict
 
 from lctx import model as lm
 from lctx.eval.api import DEFAULT_LENGTHS, DEFAULTS as EVAL_DEFAULTS, check_options
+# Stage resolution lives below training so loaders read run directories without it.
+from lctx.convert.run import stage_mesh_shape as mesh_shape
+from lctx.convert.run import stage_model_config as model_config
 from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from lctx.kernels.layout import placement_multiple
 from lctx.kernels.pallas import resolve_kernel
@@ -134,41 +137,6 @@ STAGE_FIELDS = {
 
 
 # ----------------------------------------------------------------------------- resolution
-
-
-def _as_dict(value: Any) -> dict:
-    if value is None:
-        return {}
-    return value.to_dict() if isinstance(value, ConfigDict) else dict(value)
-
-
-def model_overrides(config: ConfigDict, stage_name: str) -> dict[str, Any]:
-    """The ModelConfig overrides of a stage: config.model, then the stage's model and rope_scaling."""
-    values = _as_dict(config.model)
-    values.update(_as_dict(config.stages[stage_name].get("model")))
-    values.pop("preset", None)
-    values = {k: v for k, v in values.items() if v is not None}
-    values["attention_options"] = dict(values.get("attention_options", {}))
-    scaling = config.stages[stage_name].get("rope_scaling")
-    if scaling is not None:
-        values["rope_scaling"] = _as_dict(scaling)
-    return values
-
-
-def model_config(config: ConfigDict, stage_name: str) -> lm.ModelConfig:
-    """The validated ModelConfig a stage trains."""
-    preset = _as_dict(config.stages[stage_name].get("model")).get("preset", config.model.preset)
-    return lm.preset(preset, **model_overrides(config, stage_name))
-
-
-def mesh_shape(config: ConfigDict, stage_name: str, num_devices: int) -> dict[str, int]:
-    """Mesh sizes of a stage with -1 filled from the device count (may not match: validate)."""
-    sizes = {**_as_dict(config.mesh), **_as_dict(config.stages[stage_name].get("mesh"))}
-    known = math.prod(v for v in sizes.values() if v != -1)
-    fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) == 1 and known > 0 and num_devices % known == 0:
-        sizes[fill[0]] = num_devices // known
-    return sizes
 
 
 def workdir(config: ConfigDict) -> str:

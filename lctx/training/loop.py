@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
+from lctx.convert.run import open_run_corpus
 from lctx.training import config as cfg
 from lctx.training.checkpoint import Checkpointer
 from lctx.training.metrics import MetricsWriter, plot_loss_curve
@@ -390,21 +391,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=float)
     return summary
-
-
-def open_run_corpus(config: ConfigDict, run_dir: str) -> ld.Corpus:
-    """The run's corpus, built once into the TFDS data dir; its manifest recorded in the run."""
-    d = config.data
-    data_dir = d.tfds_data_dir or os.path.join(os.path.dirname(run_dir), "tfds")
-    # Process 0 builds first: processes sharing a disk must not build one dataset at once.
-    corpus = parallel.distributed.run_on_process_zero_first(lambda: ld.open_corpus(
-        data_dir=data_dir, corpus_dir=d.corpus_dir or "stdlib", tfds_name=d.tfds_name,
-        validation_fraction=d.validation_fraction,
-        dedup=ld.DedupOptions(exact=d.dedup in ("exact", "near"), near=d.dedup == "near")), "corpus")
-    if corpus.manifest is not None and jax.process_index() == 0:
-        corpus.manifest.write(os.path.join(run_dir, "corpus_manifest.json"))
-        print(corpus.summary(), file=sys.stderr)
-    return corpus
 
 
 def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
