@@ -230,3 +230,62 @@ def test_insert_sentences_keeps_order_at_one_boundary():
     text, offsets = ruler.insert_sentences("a b. c d. e f.", [(0.5, "X."), (0.5, "Y."), (0.0, "Z.")])
     assert text == "Z. a b. X. Y. c d. e f."
     assert [text[o:o + 2] for o in offsets] == ["X.", "Y.", "Z."]
+
+
+# ----------------------------------------------------------------------------- --model end to end
+
+
+def test_default_perplexity_text_is_the_stdlib_held_out_split():
+    from lctx.data.corpus import VALIDATION_FRACTION, iter_files, split_of, stdlib_spec
+
+    docs = api.held_out_documents()
+    files = {rel: path for rel, path in iter_files(stdlib_spec())}
+    held = [rel for rel in files if split_of(rel, VALIDATION_FRACTION) == "validation"]
+    assert 0.02 < len(held) / len(files) < 0.1
+    # Every document is the text of one held-out file, in path order; no training file.
+    texts = [files[rel].read_text("utf-8", errors="strict") for rel in held]
+    assert [d["text"] for d in docs] == [t for t in texts if t.strip()]
+
+
+def test_command_line_evaluates_a_checkpoint(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    import lctx.model as lm
+    from lctx.convert.checkpoint import save_checkpoint
+
+    config = lm.preset("tiny", attention_impl="reference")
+    save_checkpoint(config, lm.init(config, jax.random.key(0)), tmp_path / "ckpt")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(HAY):
+        (corpus / f"doc{i}.txt").write_text(doc["text"][:6000])
+    out = tmp_path / "out"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lctx.eval", f"--model={tmp_path / 'ckpt'}", "--tokenizer=byte",
+         "--tasks=ppl,multikey_needle", "--lengths=64,128,1600", "--depths=0,1", "--trials=1",
+         f"--corpus_dir={corpus}", f"--out={out}", "--max_tokens=512",
+         '--rope_scaling={"rope_type": "linear", "factor": 2.0}'],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["lengths"] == [64, 128, 1600] and results["training_lengths"] == [256]
+    assert results["rope"]["rope_parameters"]["rope_type"] == "linear"
+    assert results["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert set(results["ppl"]) == {"64", "128", "1600"}
+    assert all(r["tokens"] > 0 and r["ppl"] > 1 for r in results["ppl"].values())
+    needle = results["multikey_needle"]
+    assert needle["skipped"] == {"64": "haystack too short for this length",
+                                 "128": "haystack too short for this length"}
+    assert [(c["length"], c["depth"], c["trials"]) for c in needle["cells"]] == [
+        (1600, 0.0, 1), (1600, 1.0, 1)]
+    assert needle["accuracy"]["1600"] == np.mean([c["accuracy"] for c in needle["cells"]])
+    assert sorted(os.path.basename(p) for p in results["plots"]) == [
+        "multikey_needle.png", "multikey_needle_heatmap.png", "ppl_vs_length.png"]
+    assert all((out / os.path.basename(p)).read_bytes()[:4] == b"\x89PNG" for p in results["plots"])
+    assert "multikey_needle acc" in run.stdout and "wrote" in run.stdout

@@ -1,11 +1,16 @@
-"""`evaluate`: perplexity against length, passkey retrieval and needle-in-a-haystack.
+"""Evaluation of any model on the registered tasks (lctx.eval.tasks: ppl, passkey, needle,
+multikey_needle, multivalue, multiquery, variable_tracking).
 
-    results = lctx.eval.evaluate("runs/quickstart", tasks=("ppl", "passkey", "needle"),
-                                 lengths=(256, 512, 1024, 2048))
+    results = lctx.eval.evaluate_source("smollm2-135m", tasks=("ppl", "multikey_needle"),
+                                        lengths=(2048, 4096))   # -> eval_results/smollm2-135m/
+    results = lctx.eval.evaluate("runs/quickstart", tasks=("ppl", "passkey", "needle"))
 
-writes RUN/eval/results.json (step N: results_step{N}.json as well) and PNGs in
-RUN/eval/. `evaluate_model` does the same for a (config, params) pair in memory
-(the end of training and the RoPE-scaling study call it).
+`evaluate_source` loads anything lctx.load accepts and scores perplexity on held-out
+standard-library source (or a directory of text files) with the model's own tokenizer;
+`evaluate` takes a training run and its own held-out split, writing RUN/eval/
+(step N: results_step{N}.json as well). Both write results.json and PNGs through
+`evaluate_model`, which takes a (config, params) pair in memory (the end of training
+and the RoPE-scaling study call it).
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 
 from lctx import model as lm
 from lctx.convert.run import open_run_corpus, read_run_config, stage_mesh_shape
-from lctx.data.tokenizer import Tokenizer
+from lctx.data.corpus import VALIDATION_FRACTION, CorpusSpec, iter_texts, stdlib_spec
+from lctx.data.tokenizer import Tokenizer, make_tokenizer
 from lctx.eval import plots
 from lctx.eval.perplexity import perplexity_by_length
 from lctx.eval.tasks import TASKS, EvalContext, Task
@@ -196,4 +201,68 @@ def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAU
     results["plots"] = write_outputs(results, out_dir, f"step {step}")
     with open(os.path.join(out_dir, f"results_step{step}.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
+    return results
+
+
+# ----------------------------------------------------------------------------- any source
+
+DEFAULT_OUT = "eval_results"
+
+
+def held_out_documents(corpus_dir: str | None = None) -> list[dict[str, str]]:
+    """[{"text": ...}]: every text file of `corpus_dir`, or (None) the standard-library files
+    the default training corpus holds out (VALIDATION_FRACTION by path hash), in path order."""
+    if corpus_dir is None:
+        texts = iter_texts(stdlib_spec(), "validation", VALIDATION_FRACTION)
+    else:
+        texts = iter_texts(CorpusSpec.from_dir(corpus_dir))
+    docs = [{"text": text} for _, text in texts]
+    if not docs:
+        raise ValueError(f"corpus_dir={corpus_dir!r}: no text files")
+    return docs
+
+
+def default_out_dir(source: str, rope_scaling: Mapping[str, Any] | None = None) -> str:
+    """eval_results/<source name>[_<rope type><factor>]: a file or directory's base name
+    (".gguf" dropped, RUN@STEP as RUN_stepSTEP), a registered name as it is."""
+    name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf").replace("@", "_step")
+    if rope_scaling:
+        name += f"_{rope_scaling.get('rope_type', rope_scaling.get('type', 'rope'))}"
+        name += f"{rope_scaling['factor']:g}" if "factor" in rope_scaling else ""
+    return os.path.join(DEFAULT_OUT, name)
+
+
+def evaluate_source(source: str, *, rope_scaling: Mapping[str, Any] | None = None,
+                    tokenizer: str | None = None, corpus_dir: str | None = None,
+                    out_dir: str | None = None, tasks: Sequence[str] = DEFAULT_TASKS,
+                    lengths: Sequence[int] = DEFAULT_LENGTHS, progress: bool = True,
+                    **options: Any) -> dict[str, Any]:
+    """Evaluates what `lctx.load(source, rope_scaling=...)` gives; writes results.json and
+    PNGs into out_dir (default `default_out_dir`) and returns the results.
+
+    tokenizer: a tokenizer spec (lctx.data.make_tokenizer) replacing the model's own,
+    needed when the source carries none. corpus_dir: see `held_out_documents`.
+    options: see `evaluate_model`. ValueError (one line) for a bad argument or source.
+    """
+    problems = check_options(tasks, lengths, options)
+    if problems:
+        raise ValueError("; ".join(problems))
+    model = load(source, rope_scaling=rope_scaling)
+    tok = make_tokenizer(tokenizer) if tokenizer else model.tokenizer
+    if tok is None:
+        raise ValueError(f"model={source}: carries no tokenizer; pass one (tokenizer='byte', "
+                         "'hf:PATH/tokenizer.json' or a SentencePiece .model)")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer: {tok.vocab_size} ids, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    out_dir = out_dir or default_out_dir(source, rope_scaling)
+    results = evaluate_model(model.config, model.params, tok, held_out_documents(corpus_dir),
+                             tasks=tasks, lengths=lengths, out_dir=None,
+                             training_lengths=(model.config.max_position_embeddings,),
+                             label=os.path.basename(out_dir), mesh=model.mesh,
+                             progress=progress, **options)
+    results.update(source=source, rope_scaling=dict(rope_scaling) if rope_scaling else None,
+                   corpus_dir=corpus_dir or "stdlib (held-out split)",
+                   out_dir=os.path.abspath(out_dir))
+    results["plots"] = write_outputs(results, out_dir, os.path.basename(out_dir))
     return results
