@@ -288,4 +288,13 @@ def test_command_line_evaluates_a_checkpoint(tmp_path):
     assert sorted(os.path.basename(p) for p in results["plots"]) == [
         "multikey_needle.png", "multikey_needle_heatmap.png", "ppl_vs_length.png"]
     assert all((out / os.path.basename(p)).read_bytes()[:4] == b"\x89PNG" for p in results["plots"])
+    assert all(isinstance(c["reply"], str) for c in needle["cells"])
     assert "multikey_needle acc" in run.stdout and "wrote" in run.stdout
+
+
+def test_default_out_dir_names_the_source_and_scaling():
+    assert api.default_out_dir("smollm2-135m") == "eval_results/smollm2-135m"
+    assert api.default_out_dir("/m/SmolLM2.Q4_1.gguf") == "eval_results/SmolLM2.Q4_1"
+    assert api.default_out_dir("runs/tiny@30") == "eval_results/tiny_step30"
+    assert api.default_out_dir("ckpt/", {"rope_type": "yarn", "factor": 4.0}) == \
+        "eval_results/ckpt_yarn4"

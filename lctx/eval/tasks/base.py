@@ -99,7 +99,8 @@ class RetrievalTask(Task):
     """Generation tasks scored per (length, depth) cell over `trials` prompts each.
 
     Section: {"cells": [{"length", "depth", "correct" (trials fully right), "trials",
-    "accuracy" (mean score), "prompt_tokens", "filler_fraction", ...}], "accuracy":
+    "accuracy" (mean score), "prompt_tokens", "filler_fraction", "reply" (the first
+    trial's continuation, to see what was scored), ...}], "accuracy":
     {str(length): mean score}, "skipped": {str(length): reason}, "effective_length":
     {"yarn_80", "pi_20"}}.
     """
@@ -167,7 +168,7 @@ class RetrievalTask(Task):
                               "accuracy": float(np.mean(scores)),
                               "prompt_tokens": int(len(example.ids)),
                               "filler_fraction": round(example.filler_fraction, 4),
-                              **self.cell_fields(example)})
+                              "reply": texts[rows[0]], **self.cell_fields(example)})
                 ctx.advance(self.name, length)
         by_length = retrieval.accuracy_by_length(cells)
         return {"cells": cells, "accuracy": {str(n): a for n, a in by_length.items()},
