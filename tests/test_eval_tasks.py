@@ -298,3 +298,4 @@ def test_default_out_dir_names_the_source_and_scaling():
     assert api.default_out_dir("runs/tiny@30") == "eval_results/tiny_step30"
     assert api.default_out_dir("ckpt/", {"rope_type": "yarn", "factor": 4.0}) == \
         "eval_results/ckpt_yarn4"
+    assert api.default_out_dir("ckpt", {}) == "eval_results/ckpt_default"

@@ -13,6 +13,7 @@ tokenizer, writing results.json and PNGs to --out (default eval_results/<name>/)
 from __future__ import annotations
 
 import json
+import os
 
 from absl import flags, logging
 
@@ -23,7 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of python -m lctx
 _STEP = flags.DEFINE_integer("step", None, "With --workdir: checkpoint step (default: latest).")
 _ROPE = flags.DEFINE_string("rope_scaling", None,
                             'HF-style RoPE scaling JSON replacing the model\'s, e.g. '
-                            '\'{"rope_type": "yarn", "factor": 2.0}\'.')
+                            '\'{"rope_type": "yarn", "factor": 2.0}\' (null: plain RoPE).')
 _TASKS = flags.DEFINE_list("tasks", ["ppl", "passkey", "needle"],
                            "Registered tasks (lctx.eval.tasks.TASKS).")
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024", "2048"], "Context lengths (tokens).")
@@ -52,18 +53,22 @@ def _numbers(flag: flags.FlagHolder, kind) -> tuple:
                          f"{kind.__name__}s") from None
 
 
+_ROPE_EXAMPLE = '{"rope_type": "linear", "factor": 2.0}'
+
+
 def _rope_scaling() -> dict | None:
+    """The --rope_scaling object: None keeps the model's own, JSON null ({}) is plain RoPE."""
     if _ROPE.value is None:
         return None
     try:
         value = json.loads(_ROPE.value)
     except json.JSONDecodeError as err:
-        raise UsageError(f"--rope_scaling={_ROPE.value}: not JSON ({err.msg}); expected an "
-                         'object such as {"rope_type": "linear", "factor": 2.0}') from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--rope_scaling={_ROPE.value}: expected a JSON object such as "
-                         '{"rope_type": "linear", "factor": 2.0}')
-    return value
+        raise UsageError(f"--rope_scaling={_ROPE.value}: not valid JSON ({err.msg} at column "
+                         f"{err.colno}); expected an object like {_ROPE_EXAMPLE} or null") from None
+    if value is not None and not isinstance(value, dict):
+        raise UsageError(f"--rope_scaling={_ROPE.value}: expected a JSON object like "
+                         f"{_ROPE_EXAMPLE} or null")
+    return value or {}
 
 
 def _check_source() -> None:
@@ -76,6 +81,9 @@ def _check_source() -> None:
             if flag.value is not None:
                 raise UsageError(f"--{name}={flag.value}: applies to --model; --workdir "
                                  "evaluates on the run's own held-out split into RUN/eval/")
+    if _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
+        raise UsageError(f"--workdir={_WORKDIR.value}: no such directory; expected a run "
+                         "directory of python -m lctx.train")
     if _MODEL.value and _STEP.value is not None:
         raise UsageError(f"--step={_STEP.value}: applies to --workdir; for --model give "
                          "RUN@STEP")

@@ -45,8 +45,9 @@ def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping
     problems = []
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
+        known = [*DEFAULT_TASKS, *sorted(set(TASKS) - set(DEFAULT_TASKS))]
         problems.append(f"tasks={','.join(tasks)}: expected a non-empty subset of "
-                        f"{', '.join(TASKS)}")
+                        f"{', '.join(known)}")
     if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
         problems.append(f"lengths={list(lengths)}: expected positive ints >= 2")
     unknown = sorted(set(options) - set(DEFAULTS) - {"needle", "rope_scaling"})
@@ -224,9 +225,12 @@ def held_out_documents(corpus_dir: str | None = None) -> list[dict[str, str]]:
 
 def default_out_dir(source: str, rope_scaling: Mapping[str, Any] | None = None) -> str:
     """eval_results/<source name>[_<rope type><factor>]: a file or directory's base name
-    (".gguf" dropped, RUN@STEP as RUN_stepSTEP), a registered name as it is."""
+    (".gguf" dropped, RUN@STEP as RUN_stepSTEP), a registered name as it is; `_default`
+    for {} (plain RoPE in place of the model's own scaling)."""
     name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf").replace("@", "_step")
-    if rope_scaling:
+    if rope_scaling == {}:
+        name += "_default"
+    elif rope_scaling:
         name += f"_{rope_scaling.get('rope_type', rope_scaling.get('type', 'rope'))}"
         name += f"{rope_scaling['factor']:g}" if "factor" in rope_scaling else ""
     return os.path.join(DEFAULT_OUT, name)
@@ -240,6 +244,8 @@ def evaluate_source(source: str, *, rope_scaling: Mapping[str, Any] | None = Non
     """Evaluates what `lctx.load(source, rope_scaling=...)` gives; writes results.json and
     PNGs into out_dir (default `default_out_dir`) and returns the results.
 
+    rope_scaling: an HF-style dict replacing the model's own; {} is plain RoPE, None
+    keeps the model's.
     tokenizer: a tokenizer spec (lctx.data.make_tokenizer) replacing the model's own,
     needed when the source carries none. corpus_dir: see `held_out_documents`.
     options: see `evaluate_model`. ValueError (one line) for a bad argument or source.
@@ -261,7 +267,8 @@ def evaluate_source(source: str, *, rope_scaling: Mapping[str, Any] | None = Non
                              training_lengths=(model.config.max_position_embeddings,),
                              label=os.path.basename(out_dir), mesh=model.mesh,
                              progress=progress, **options)
-    results.update(source=source, rope_scaling=dict(rope_scaling) if rope_scaling else None,
+    results.update(source=source,
+                   rope_scaling=None if rope_scaling is None else dict(rope_scaling),
                    corpus_dir=corpus_dir or "stdlib (held-out split)",
                    out_dir=os.path.abspath(out_dir))
     results["plots"] = write_outputs(results, out_dir, os.path.basename(out_dir))
