@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "grain>=0.2.18,<0.3",
     "sentencepiece>=0.2.0",
     "tokenizers>=0.21",
+    # Renders a model's chat template (Hugging Face tokenizers store them as Jinja).
+    "jinja2>=3.1",
     "safetensors>=0.4",
     # GGUF (llama.cpp) reading and dequantization: lctx.load of .gguf files.
     "gguf>=0.10",

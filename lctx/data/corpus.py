@@ -31,6 +31,9 @@ STDLIB_EXCLUDE_DIRS: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS + (
 # The value of `corpus_dir` that selects the standard-library corpus.
 STDLIB = "stdlib"
 
+# The default share of files held out (validation), chosen per file by path hash.
+VALIDATION_FRACTION = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSpec:

@@ -30,8 +30,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from lctx.data.corpus import (DEFAULT_EXCLUDE_DIRS, CorpusSpec, Manifest, decode_text,
-                              iter_files, manifest, split_of)
+from lctx.data.corpus import (DEFAULT_EXCLUDE_DIRS, VALIDATION_FRACTION, CorpusSpec, Manifest,
+                              decode_text, iter_files, manifest, split_of)
 from lctx.data.dedup import DedupOptions, DedupReport, deduplicate
 from lctx.data.tokenizer import make_tokenizer
 
@@ -43,12 +43,12 @@ class TextDirectoryConfig(tfds.core.BuilderConfig):
     """A directory of text files as a dataset; make one with `text_directory_config`."""
 
     corpus: CorpusSpec | None = None
-    validation_fraction: float = 0.05
+    validation_fraction: float = VALIDATION_FRACTION
     dedup: DedupOptions = DedupOptions()
     manifest_sha256: str = ""
 
 
-def text_directory_config(spec: CorpusSpec, *, validation_fraction: float = 0.05,
+def text_directory_config(spec: CorpusSpec, *, validation_fraction: float = VALIDATION_FRACTION,
                           dedup: DedupOptions = DedupOptions(),
                           corpus_manifest: Manifest | None = None) -> TextDirectoryConfig:
     """The builder config of a corpus, named `<directory>_<hash of all options + manifest>`."""
@@ -106,7 +106,7 @@ class TextDirectory(tfds.core.GeneratorBasedBuilder):
             yield rel, {"text": files[rel].read_bytes().decode("utf-8"), "path": rel}
 
 
-def build_text_directory(spec: CorpusSpec, data_dir: str, *, validation_fraction: float = 0.05,
+def build_text_directory(spec: CorpusSpec, data_dir: str, *, validation_fraction: float = VALIDATION_FRACTION,
                          dedup: DedupOptions = DedupOptions(),
                          corpus_manifest: Manifest | None = None) -> TextDirectory:
     """The prepared builder of `spec` in `data_dir`, built on first use (under a file lock,
@@ -191,7 +191,7 @@ class Corpus:
 def open_corpus(*, data_dir: str, corpus_dir: str = "stdlib", tfds_name: str = "",
                 patterns: Sequence[str] = ("*",),
                 exclude_dirs: Sequence[str] = DEFAULT_EXCLUDE_DIRS,
-                validation_fraction: float = 0.05, dedup: DedupOptions = DedupOptions(),
+                validation_fraction: float = VALIDATION_FRACTION, dedup: DedupOptions = DedupOptions(),
                 text_key: str = "", eval_split: str = "validation") -> Corpus:
     """The corpus a data config names: `tfds_name` when non-empty, else `corpus_dir`.
 

@@ -1,11 +1,16 @@
-"""`evaluate`: perplexity against length, passkey retrieval and needle-in-a-haystack.
+"""Evaluation of any model on the registered tasks (lctx.eval.tasks: ppl, passkey, needle,
+multikey_needle, multivalue, multiquery, variable_tracking).
 
-    results = lctx.eval.evaluate("runs/quickstart", tasks=("ppl", "passkey", "needle"),
-                                 lengths=(256, 512, 1024, 2048))
+    results = lctx.eval.evaluate_source("smollm2-135m", tasks=("ppl", "multikey_needle"),
+                                        lengths=(2048, 4096))   # -> eval_results/smollm2-135m/
+    results = lctx.eval.evaluate("runs/quickstart", tasks=("ppl", "passkey", "needle"))
 
-writes RUN/eval/results.json (step N: results_step{N}.json as well) and PNGs in
-RUN/eval/. `evaluate_model` does the same for a (config, params) pair in memory
-(the end of training and the RoPE-scaling study call it).
+`evaluate_source` loads anything lctx.load accepts and scores perplexity on held-out
+standard-library source (or a directory of text files) with the model's own tokenizer;
+`evaluate` takes a training run and its own held-out split, writing RUN/eval/
+(step N: results_step{N}.json as well). Both write results.json and PNGs through
+`evaluate_model`, which takes a (config, params) pair in memory (the end of training
+and the RoPE-scaling study call it).
 """
 
 from __future__ import annotations
@@ -16,17 +21,18 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 
 from lctx import model as lm
 from lctx.convert.run import open_run_corpus, read_run_config, stage_mesh_shape
-from lctx.data.tokenizer import Tokenizer
-from lctx.eval import plots, retrieval
+from lctx.data.corpus import VALIDATION_FRACTION, CorpusSpec, iter_texts, stdlib_spec
+from lctx.data.tokenizer import Tokenizer, make_tokenizer
+from lctx.eval import plots
 from lctx.eval.perplexity import perplexity_by_length
+from lctx.eval.tasks import TASKS, EvalContext, Task
 from lctx.infer import generate
 from lctx.models import load, with_rope_scaling  # noqa: F401  (with_rope_scaling: re-export)
 
-TASKS = ("ppl", "passkey", "needle")
+DEFAULT_TASKS = ("ppl", "passkey", "needle")
 # The one set of defaults: python -m lctx.eval's flags and a run's config.eval read these.
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULTS = dict(stride=256, max_tokens=32768, batch_size=4, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
@@ -39,7 +45,9 @@ def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping
     problems = []
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        problems.append(f"tasks={list(tasks)}: expected a non-empty subset of {', '.join(TASKS)}")
+        known = [*DEFAULT_TASKS, *sorted(set(TASKS) - set(DEFAULT_TASKS))]
+        problems.append(f"tasks={','.join(tasks)}: expected a non-empty subset of "
+                        f"{', '.join(known)}")
     if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
         problems.append(f"lengths={list(lengths)}: expected positive ints >= 2")
     unknown = sorted(set(options) - set(DEFAULTS) - {"needle", "rope_scaling"})
@@ -57,66 +65,28 @@ def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping
 
 
 def _continuations(model_config, params, tokenizer, prompts, max_new, batch, mesh):
-    """Greedy continuations (text) of prompts, batched by similar length."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    """Greedy continuations (text) of prompt ids, batched by similar length."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
-        tokens = generate(model_config, params, [prompts[i].ids for i in rows],
+        tokens = generate(model_config, params, [prompts[i] for i in rows],
                           max_new_tokens=max_new, pad_id=tokenizer.pad_id, mesh=mesh)
         for i, ids in zip(rows, tokens):
             out[i] = tokenizer.decode(ids)
     return out
 
 
-def _retrieval_cells(kind: str, model_config, params, tokenizer, lengths, depths, trials, seed,
-                     prompt_for, score, max_new, batch, mesh, bar) -> dict[str, Any]:
-    """Runs one retrieval task over lengths x depths x trials; returns its results."""
-    rng = np.random.default_rng(seed)
-    cells, skipped = [], {}
-    for length in lengths:
-        prompts, index = [], []
-        for depth in depths:
-            for trial in range(trials):
-                prompt = prompt_for(length, float(depth), trial, rng)
-                if prompt is None:
-                    break
-                prompts.append(prompt)
-                index.append(depth)
-            if prompts and prompt is None:
-                break
-        if not prompts or len(prompts) < len(depths) * trials:
-            skipped[str(length)] = ("filler below 75% of the prompt" if kind == "passkey" else
-                                    "haystack too short for this length")
-            bar.update(len(depths))
-            continue
-        texts = _continuations(model_config, params, tokenizer, prompts, max_new, batch, mesh)
-        for depth in depths:
-            hits = [score(t, p.answer) for t, p, d in zip(texts, prompts, index) if d == depth]
-            example = next(p for p, d in zip(prompts, index) if d == depth)
-            cells.append({"length": length, "depth": float(depth), "correct": int(sum(hits)),
-                          "trials": len(hits), "accuracy": float(np.mean(hits)),
-                          "prompt_tokens": int(len(example.ids)),
-                          "filler_fraction": round(example.filler_fraction, 4),
-                          **({"instruction": "short" if example.instruction ==
-                              retrieval.SHORT_INSTRUCTION else "full"} if kind == "passkey" else {})})
-            bar.update(1)
-        bar.set_postfix(task=kind, length=length)
-    by_length = retrieval.accuracy_by_length(cells)
-    return {"cells": cells, "accuracy": {str(n): a for n, a in by_length.items()},
-            "skipped": skipped,
-            "effective_length": {"yarn_80": retrieval.effective_length_80(by_length),
-                                 "pi_20": retrieval.effective_length_20(by_length)}}
-
-
 def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokenizer,
                    held_out: Sequence[Mapping[str, Any]], *, text_key: str = "text",
-                   tasks: Sequence[str] = TASKS, lengths: Sequence[int] = DEFAULT_LENGTHS,
+                   tasks: Sequence[str] = DEFAULT_TASKS, lengths: Sequence[int] = DEFAULT_LENGTHS,
                    out_dir: str | None = None, training_lengths: Sequence[int] = (),
                    label: str = "model", mesh=None, progress: bool = True,
                    **options: Any) -> dict[str, Any]:
-    """Evaluates a model in memory; writes results.json and PNGs in `out_dir` when given.
+    """Evaluates a model in memory on `tasks` (names in lctx.eval.tasks.TASKS); writes
+    results.json and PNGs in `out_dir` when given.
 
+    held_out: documents {text_key: text} for perplexity and as haystacks.
     options: stride, max_tokens, batch_size (perplexity); depths, trials, seed,
     prompt_batch (retrieval); needle (a retrieval.Needle).
     """
@@ -124,52 +94,35 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
     if problems:
         raise ValueError("invalid evaluation arguments: " + "; ".join(problems))
     o = {**DEFAULTS, **options}
-    needle = o.get("needle") or retrieval.Needle()
-    lengths = sorted(lengths)
-    depths = [float(d) for d in o["depths"]]
+    lengths = tuple(sorted(lengths))
+    depths = tuple(float(d) for d in o["depths"])
     from tqdm import tqdm
 
-    total = (len(lengths) if "ppl" in tasks else 0) + len(lengths) * len(depths) * (
-        ("passkey" in tasks) + ("needle" in tasks))
-    bar = tqdm(total=total, desc="eval", unit="cell", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    results: dict[str, Any] = {"lengths": lengths, "training_lengths": sorted(set(training_lengths)),
+    bar = tqdm(total=sum(TASKS[t].units(lengths, depths) for t in tasks), desc="eval",
+               unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def advance(task: str, length: int) -> None:
+        bar.update(1)
+        bar.set_postfix(task=task, length=length)
+
+    def perplexity(length: int) -> dict[str, Any]:
+        return perplexity_by_length(model_config, params, held_out, tokenizer, lengths=(length,),
+                                    stride=o["stride"], max_tokens=o["max_tokens"],
+                                    text_key=text_key, batch_size=o["batch_size"],
+                                    longest=max(lengths), mesh=mesh)[str(length)]
+
+    ctx = EvalContext(
+        tokenizer=tokenizer, held_out=held_out, text_key=text_key, lengths=lengths, depths=depths,
+        options=o, perplexity=perplexity, advance=advance,
+        continue_text=lambda prompts, max_new: _continuations(
+            model_config, params, tokenizer, prompts, max_new, o["prompt_batch"], mesh))
+    results: dict[str, Any] = {"lengths": list(lengths),
+                               "training_lengths": sorted(set(training_lengths)),
                                "rope": model_config.rope.to_hf() if hasattr(model_config.rope, "to_hf")
                                else str(model_config.rope)}
     try:
-        if "ppl" in tasks:
-            ppl = {}
-            for length in lengths:
-                ppl.update(perplexity_by_length(model_config, params, held_out, tokenizer,
-                                                lengths=(length,), stride=o["stride"],
-                                                max_tokens=o["max_tokens"], text_key=text_key,
-                                                batch_size=o["batch_size"], longest=max(lengths),
-                                                mesh=mesh))
-                bar.update(1)
-                bar.set_postfix(task="ppl", length=length)
-            results["ppl"] = ppl
-        if "passkey" in tasks:
-            keys: dict[tuple, str] = {}
-
-            def passkey_for(length, depth, trial, rng):
-                key = keys.setdefault((length, trial), retrieval.passkey_keys(rng, 1)[0])
-                return retrieval.passkey_prompt(tokenizer, length, depth, key)
-
-            results["passkey"] = _retrieval_cells(
-                "passkey", model_config, params, tokenizer, lengths, depths, o["trials"],
-                o["seed"], passkey_for, retrieval.score_passkey, 8, o["prompt_batch"], mesh, bar)
-        if "needle" in tasks:
-            texts = [_text(held_out[i][text_key]) for i in range(len(held_out))]
-
-            def needle_for(length, depth, trial, rng):
-                start = (trial * 7919) % max(len(texts), 1)  # a different haystack per trial
-                hay = retrieval.haystack_ids(tokenizer, texts[start:] + texts[:start], length)
-                return retrieval.needle_prompt(tokenizer, hay, length, depth, needle)
-
-            results["needle"] = _retrieval_cells(
-                "needle", model_config, params, tokenizer, lengths, depths, o["trials"],
-                o["seed"], needle_for, retrieval.score_needle,
-                retrieval.needle_answer_tokens(tokenizer, needle), o["prompt_batch"], mesh, bar)
+        for task in tasks:
+            results[task] = TASKS[task].run(ctx)
     finally:
         bar.close()
     if out_dir is not None:
@@ -177,58 +130,34 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
     return results
 
 
-def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+def _tasks_in(results: Mapping[str, Any]) -> list[Task]:
+    """The registered tasks with a section in `results`, in the order they ran."""
+    return [TASKS[key] for key in results if key in TASKS]
 
 
 def write_outputs(results: Mapping[str, Any], out_dir: str, label: str = "model",
                   name: str = "results.json") -> list[str]:
-    """results.json and the PNGs for whichever tasks ran; returns the PNG paths."""
+    """results.json and the PNGs of whichever tasks ran; returns the PNG paths."""
     plots.ensure_dir(out_dir)
     training = results.get("training_lengths", ())
     written = []
-    if "ppl" in results:
-        curve = {int(n): r["ppl"] for n, r in results["ppl"].items()}
-        written.append(plots.plot_perplexity({label: curve}, os.path.join(out_dir, "ppl_vs_length.png"),
-                                             training_lengths=training))
-    if "passkey" in results and results["passkey"]["accuracy"]:
-        curve = {int(n): a for n, a in results["passkey"]["accuracy"].items()}
-        written.append(plots.plot_accuracy({label: curve}, os.path.join(out_dir, "passkey.png"),
-                                           training_lengths=training))
-    if "needle" in results and results["needle"]["cells"]:
-        grid: dict[int, dict[float, float]] = {int(n): {} for n in results["needle"]["skipped"]}
-        for c in results["needle"]["cells"]:
-            grid.setdefault(c["length"], {})[c["depth"]] = c["accuracy"]
-        written.append(plots.plot_heatmap(grid, os.path.join(out_dir, "needle_heatmap.png")))
+    for task in _tasks_in(results):
+        written += task.plot(results[task.name], out_dir, label, training)
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump({**results, "plots": written}, f, indent=1, default=float)
     return written
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """The terminal table: one row per length with every task's number."""
-    head = ["length"]
-    if "ppl" in results:
-        head += ["ppl", "bits/byte"]
-    for task in ("passkey", "needle"):
-        if task in results:
-            head.append(f"{task} acc")
-    lines = ["  ".join(f"{h:>11}" for h in head)]
+    """The terminal table: one row per length with every task's numbers, then the notes."""
+    ran = _tasks_in(results)
+    columns = [col for task in ran for col in task.columns(results[task.name])]
+    width = max([11] + [len(head) for head, _ in columns])
+    lines = ["  ".join(h.rjust(width) for h in ["length"] + [head for head, _ in columns])]
     for n in results["lengths"]:
-        row = [f"{n:>11d}"]
-        if "ppl" in results:
-            r = results["ppl"].get(str(n))
-            row += [f"{r['ppl']:>11.3f}", f"{r['bits_per_byte']:>11.4f}"] if r else ["-".rjust(11)] * 2
-        for task in ("passkey", "needle"):
-            if task in results:
-                acc = results[task]["accuracy"].get(str(n))
-                row.append(f"{acc:>11.2f}" if acc is not None else "skipped".rjust(11))
-        lines.append("  ".join(row))
-    for task in ("passkey", "needle"):
-        if task in results:
-            e = results[task]["effective_length"]
-            lines.append(f"{task} effective length: {e['yarn_80']} (>= 80% accuracy), "
-                         f"{e['pi_20']} (every length up to it >= 20%)")
+        lines.append("  ".join([str(n).rjust(width)] +
+                               [values.get(int(n), "-").rjust(width) for _, values in columns]))
+    lines += [line for task in ran for line in task.notes(results[task.name])]
     return "\n".join(lines)
 
 
@@ -242,7 +171,7 @@ def load_run(workdir: str, step: int | None = None):
     return read_run_config(workdir), model.config, model.params, model.step, model.stage
 
 
-def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = TASKS,
+def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAULT_TASKS,
              lengths: Sequence[int] = DEFAULT_LENGTHS, **options: Any) -> dict[str, Any]:
     """Evaluates a run's checkpoint (latest, or `step`) on its held-out split.
 
@@ -273,4 +202,74 @@ def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = TASKS
     results["plots"] = write_outputs(results, out_dir, f"step {step}")
     with open(os.path.join(out_dir, f"results_step{step}.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
+    return results
+
+
+# ----------------------------------------------------------------------------- any source
+
+DEFAULT_OUT = "eval_results"
+
+
+def held_out_documents(corpus_dir: str | None = None) -> list[dict[str, str]]:
+    """[{"text": ...}]: every text file of `corpus_dir`, or (None) the standard-library files
+    the default training corpus holds out (VALIDATION_FRACTION by path hash), in path order."""
+    if corpus_dir is None:
+        texts = iter_texts(stdlib_spec(), "validation", VALIDATION_FRACTION)
+    else:
+        texts = iter_texts(CorpusSpec.from_dir(corpus_dir))
+    docs = [{"text": text} for _, text in texts]
+    if not docs:
+        raise ValueError(f"corpus_dir={corpus_dir!r}: no text files")
+    return docs
+
+
+def default_out_dir(source: str, rope_scaling: Mapping[str, Any] | None = None) -> str:
+    """eval_results/<source name>[_<rope type><factor>]: a file or directory's base name
+    (".gguf" dropped, RUN@STEP as RUN_stepSTEP), a registered name as it is; `_default`
+    for {} (plain RoPE in place of the model's own scaling)."""
+    name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf").replace("@", "_step")
+    if rope_scaling == {}:
+        name += "_default"
+    elif rope_scaling:
+        name += f"_{rope_scaling.get('rope_type', rope_scaling.get('type', 'rope'))}"
+        name += f"{rope_scaling['factor']:g}" if "factor" in rope_scaling else ""
+    return os.path.join(DEFAULT_OUT, name)
+
+
+def evaluate_source(source: str, *, rope_scaling: Mapping[str, Any] | None = None,
+                    tokenizer: str | None = None, corpus_dir: str | None = None,
+                    out_dir: str | None = None, tasks: Sequence[str] = DEFAULT_TASKS,
+                    lengths: Sequence[int] = DEFAULT_LENGTHS, progress: bool = True,
+                    **options: Any) -> dict[str, Any]:
+    """Evaluates what `lctx.load(source, rope_scaling=...)` gives; writes results.json and
+    PNGs into out_dir (default `default_out_dir`) and returns the results.
+
+    rope_scaling: an HF-style dict replacing the model's own; {} is plain RoPE, None
+    keeps the model's.
+    tokenizer: a tokenizer spec (lctx.data.make_tokenizer) replacing the model's own,
+    needed when the source carries none. corpus_dir: see `held_out_documents`.
+    options: see `evaluate_model`. ValueError (one line) for a bad argument or source.
+    """
+    problems = check_options(tasks, lengths, options)
+    if problems:
+        raise ValueError("; ".join(problems))
+    model = load(source, rope_scaling=rope_scaling)
+    tok = make_tokenizer(tokenizer) if tokenizer else model.tokenizer
+    if tok is None:
+        raise ValueError(f"model={source}: carries no tokenizer; pass one (tokenizer='byte', "
+                         "'hf:PATH/tokenizer.json' or a SentencePiece .model)")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer: {tok.vocab_size} ids, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    out_dir = out_dir or default_out_dir(source, rope_scaling)
+    results = evaluate_model(model.config, model.params, tok, held_out_documents(corpus_dir),
+                             tasks=tasks, lengths=lengths, out_dir=None,
+                             training_lengths=(model.config.max_position_embeddings,),
+                             label=os.path.basename(out_dir), mesh=model.mesh,
+                             progress=progress, **options)
+    results.update(source=source,
+                   rope_scaling=None if rope_scaling is None else dict(rope_scaling),
+                   corpus_dir=corpus_dir or "stdlib (held-out split)",
+                   out_dir=os.path.abspath(out_dir))
+    results["plots"] = write_outputs(results, out_dir, os.path.basename(out_dir))
     return results

@@ -33,7 +33,7 @@ MIN_HAYSTACK_FRACTION = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """Token ids (BOS first) of one retrieval prompt and what scoring needs."""
+    """Token ids (BOS first unless the tokenizer takes none) of one prompt and its answer."""
 
     ids: np.ndarray
     answer: str
@@ -42,8 +42,10 @@ class Prompt:
     instruction: str = ""
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    return np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
+def prompt_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """int32 `[n]`: BOS and the ids of `text`; no BOS where the tokenizer says it takes none (`add_bos`)."""
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
+    return np.concatenate([bos, tokenizer.encode(text)]).astype(np.int32)
 
 
 def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
@@ -62,11 +64,11 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str, *,
             before = int(round(depth * n))
             return passkey_text(key, before, n - before, instruction)
 
-        n = largest_fitting(lambda n: len(_encode(tokenizer, text(n))) <= budget, 4 * max(budget, 1))
+        n = largest_fitting(lambda n: len(prompt_ids(tokenizer, text(n))) <= budget, 4 * max(budget, 1))
         if n <= 0:
             continue
-        ids = _encode(tokenizer, text(n))
-        fixed = len(_encode(tokenizer, passkey_text(key, 0, 0, instruction)))
+        ids = prompt_ids(tokenizer, text(n))
+        fixed = len(prompt_ids(tokenizer, passkey_text(key, 0, 0, instruction)))
         fraction = 1.0 - fixed / len(ids)
         if fraction >= MIN_FILLER_FRACTION:
             return Prompt(ids, key, depth, fraction, instruction)
@@ -99,13 +101,13 @@ def needle_prompt(tokenizer: Tokenizer, haystack: np.ndarray, length: int, depth
         raise ValueError(f"depth={depth}: must be in [0, 1]")
     answer_tokens = answer_tokens or needle_answer_tokens(tokenizer, needle)
     budget = length - answer_tokens
-    fixed = len(_encode(tokenizer, f"{needle.sentence} \n{needle.question}\n{needle.answer_prefix}"))
+    fixed = len(prompt_ids(tokenizer, f"{needle.sentence} \n{needle.question}\n{needle.answer_prefix}"))
     take = min(len(haystack), budget - fixed)
     for _ in range(8):  # re-encoding merges across the seams: trim until it fits
         if take <= 0:
             return None
         text, _ = needle_text(tokenizer.decode(haystack[:take]), depth, needle)
-        ids = _encode(tokenizer, text)
+        ids = prompt_ids(tokenizer, text)
         if len(ids) <= budget:
             fraction = 1.0 - fixed / len(ids)
             if fraction < MIN_HAYSTACK_FRACTION:
@@ -146,10 +148,11 @@ def effective_length_20(accuracy: Mapping[int, float], threshold: float = 0.2) -
 
 
 def accuracy_by_length(cells: Sequence[Mapping]) -> dict[int, float]:
-    """Mean accuracy per length of cells {"length", "depth", "correct", "trials"}."""
-    totals: dict[int, list[int]] = {}
+    """Mean accuracy per length of cells {"length", "accuracy" (mean score), "trials"},
+    weighted by trials (tasks scored by a share of answers have fractional scores)."""
+    totals: dict[int, list[float]] = {}
     for c in cells:
-        t = totals.setdefault(int(c["length"]), [0, 0])
-        t[0] += c["correct"]
+        t = totals.setdefault(int(c["length"]), [0.0, 0])
+        t[0] += c["accuracy"] * c["trials"]
         t[1] += c["trials"]
     return {n: hit / max(trials, 1) for n, (hit, trials) in sorted(totals.items())}

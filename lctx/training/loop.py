@@ -399,7 +399,7 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
     """The config's `eval.tasks` at `eval.lengths` (lctx.eval), written to RUN/eval/.
 
     Returns {"lengths": perplexity and bits per byte per length, "unigram_bits_per_byte",
-    and "passkey" / "needle" accuracy per length and effective lengths when evaluated}.
+    and each retrieval task's accuracy per length and effective lengths when evaluated}.
     """
     from lctx.eval.api import evaluate_model
 
@@ -415,15 +415,16 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
         stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
         depths=tuple(e.depths), trials=e.trials, seed=e.seed)
     summary: dict[str, Any] = {"lengths": results.get("ppl", {})}
-    if jax.process_index() == 0 and ("passkey" in results or "needle" in results):
+    retrieval = [t for t in e.tasks if isinstance(results.get(t), dict)
+                 and "effective_length" in results[t]]
+    if jax.process_index() == 0 and retrieval:
         from lctx.eval.api import format_table
 
         print(f"evaluation ({os.path.join(cfg.workdir(config), 'eval', 'results.json')}):\n"
               f"{format_table(results)}")
-    for task in ("passkey", "needle"):
-        if task in results:
-            summary[task] = {"accuracy": results[task]["accuracy"],
-                             "effective_length": results[task]["effective_length"]}
+    for task in retrieval:
+        summary[task] = {"accuracy": results[task]["accuracy"],
+                         "effective_length": results[task]["effective_length"]}
     texts = lambda split: (split[i][corpus.text_key] for i in range(len(split)))
     summary["unigram_bits_per_byte"] = ld.unigram_bits_per_byte(
         texts(corpus.splits["train"]), texts(held_out), tokenizer)
