@@ -50,6 +50,11 @@ def constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def mesh_context() -> bool:
+    """True inside `jax.set_mesh(...)` or a `shard_map` body (an abstract mesh is set)."""
+    return not jax.sharding.get_abstract_mesh().empty
+
+
 def in_shard_map() -> bool:
     """True while tracing the body of a `shard_map` (some mesh axis is Manual)."""
     return bool(jax.sharding.get_abstract_mesh().manual_axes)
@@ -76,3 +81,14 @@ def tpu_interpret_context(interpret: bool):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.force_tpu_interpret_mode(), False
+
+
+def typed_on_mesh(x) -> bool:
+    """True when `x` is a JAX array whose type carries a sharding over some mesh's axes
+    (Explicit axes)."""
+    return isinstance(x, jax.Array) and not jax.typeof(x).sharding.mesh.empty
+
+
+def with_auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis Auto: same devices and names, sharding out of the types."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
