@@ -1,7 +1,8 @@
 """Pallas flash-attention kernels against the dense reference, on CPU.
 
-The kernels run in Pallas interpret mode (the TPU kernel under
-`pltpu.force_tpu_interpret_mode()`), which accepts block shapes the real compilers
+The kernels run in Pallas interpret mode (the TPU kernel on one device under
+`pltpu.force_tpu_interpret_mode()`, inside `shard_map` under the HLO interpreter: see
+`lctx.compat.tpu_interpret_context`), which accepts block shapes the real compilers
 reject; so each kernel is also lowered for its real target with `jax.export`
 (Mosaic for TPU, Triton for GPU) at every TPU generation's default tiles.
 Interpret mode is slow: sizes are small (seq 256, tiles 128).
@@ -10,6 +11,7 @@ Interpret mode is slow: sizes are small (seq 256, tiles 128).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import functools
 import re
 
@@ -140,8 +142,6 @@ def test_tpu_kernel_matches_reference_more(case):
 
 def test_ring_with_pallas_inner_matches_reference():
     """Ring over 8 virtual devices, each step's local work done by the TPU kernel."""
-    # Interpret mode simulates each device's kernel calls through host callbacks: tiny
-    # shards (8 tokens) keep 8 devices x 8 steps x 3 kernels to ~40 s.
     case = Case("ring", batch=1, seq=64, heads=2, kv_heads=1, head_dim=32, packed=True,
                 block_q=8, block_k=8)
     q, k, v, pos, seg = make_inputs(case)
@@ -150,6 +150,48 @@ def test_ring_with_pallas_inner_matches_reference():
         q, k, v, impl="ring", ring_inner="pallas", kernel="tpu", interpret=True, mesh=mesh,
         causal=True, segment_ids=seg, return_lse=True, block_q=8, block_k=8)
     check_against_reference(case, under_test, pos, seg, (q, k, v))
+
+
+@pytest.fixture
+def hang_guard():
+    """Ends the test process with every thread's stack if the test deadlocks (the ring
+    + TPU-interpret hang sat at 0% CPU forever); a passing test takes well under it."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def ring_pallas_inputs(seq: int):
+    """The issue's shapes: q `[1, seq, 4, 128]`, k/v with 2 heads, float32."""
+    rng = np.random.default_rng(seq)
+    shapes = ((1, seq, 4, 128), (1, seq, 2, 128), (1, seq, 2, 128))
+    return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+
+
+def ring_pallas(q, k, v):
+    """Causal ring attention over an 8-device sequence mesh, TPU kernel in interpret mode."""
+    mesh = jax.make_mesh((8,), ("sequence",), axis_types=(AxisType.Auto,))
+    return kernels.attention(q, k, v, impl="ring", ring_inner="pallas", kernel="tpu",
+                             interpret=True, causal=True, mesh=mesh, seq_axis="sequence")
+
+
+# 512 tokens put 128 KiB q blocks through each device's kernel: the size at which TPU
+# interpret mode inside shard_map deadlocked (see `lctx.compat.tpu_interpret_context`).
+@pytest.mark.parametrize("seq", [512, 2048])
+def test_ring_with_pallas_inner_long_forward(seq, hang_guard):
+    q, k, v = ring_pallas_inputs(seq)
+    out = jax.jit(ring_pallas)(q, k, v)
+    assert max_abs(out, kernels.reference_attention(q, k, v, causal=True)) < 1e-5
+
+
+@pytest.mark.parametrize("seq", [512, 2048])
+def test_ring_with_pallas_inner_long_gradients(seq, hang_guard):
+    q, k, v = ring_pallas_inputs(seq)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    grads = lambda fn: jax.jit(jax.grad(lambda *a: (fn(*a) * w).sum(), argnums=(0, 1, 2)))
+    reference = functools.partial(kernels.reference_attention, causal=True)
+    for g, g_ref in zip(grads(ring_pallas)(q, k, v), grads(reference)(q, k, v)):
+        assert max_abs(g, g_ref) < 1e-4
 
 
 def test_fully_masked_rows_are_zero_and_gradients_finite():

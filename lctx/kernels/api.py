@@ -215,6 +215,21 @@ def _zigzag_in_map(local, axis_name: str):
     return placed
 
 
+def _compute_mesh(mesh, arrays):
+    """The mesh to run on: `mesh` itself, or its Auto-axes twin when it has Explicit axes
+    but neither a `jax.set_mesh` context nor any input's type is sharded on them.
+
+    The output's type then follows the inputs' (unsharded in, unsharded out), so an
+    eager `jax.grad` works: JAX 0.10 cannot seed the cotangent of a loss typed on an
+    Explicit mesh outside a mesh context.
+    """
+    if not isinstance(mesh, Mesh) or not compat.is_explicit(mesh) or compat.mesh_context():
+        return mesh
+    if any(compat.typed_on_mesh(x) for x in arrays):
+        return mesh
+    return compat.with_auto_axes(mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
     local = _local_attention(plan)
@@ -274,7 +289,10 @@ def attention(q, k, v, *, impl: str, causal: bool = False, segment_ids=None, pos
         (all-to-all from sequence to head shards).
       segment_ids, positions: int `[batch, seq]`; the mask is by position and segment.
       mesh: required for ring/ulysses. Batch is sharded over the `batch_axes` and heads
-        over `head_axis` that the mesh has. Auto or Explicit axis types.
+        over `head_axis` that the mesh has. Auto or Explicit axis types; on an Explicit
+        mesh without a `jax.set_mesh` context, unsharded inputs run on its Auto twin so
+        the output is untyped like them and eager `jax.grad` works (inputs typed on the
+        mesh need `jax.set_mesh` or `jax.jit` for an eager grad, as any JAX code does).
       layout: "natural" (token order; ring places tokens load-balanced itself) or
         "balanced" (the caller already permuted tokens, positions and segment ids with
         `lctx.kernels.to_balanced`).
@@ -288,7 +306,8 @@ def attention(q, k, v, *, impl: str, causal: bool = False, segment_ids=None, pos
       `[batch, seq, heads]` with `return_lse`.
     """
     plan = _plan(q, k, v, impl=impl, causal=causal, segment_ids=segment_ids,
-                 positions=positions, sliding_window=sliding_window, scale=scale, mesh=mesh,
+                 positions=positions, sliding_window=sliding_window, scale=scale,
+                 mesh=_compute_mesh(mesh, (q, k, v, segment_ids, positions)),
                  seq_axis=seq_axis, batch_axes=tuple(batch_axes), head_axis=head_axis,
                  layout=layout, return_lse=return_lse, impl_options=impl_options)
     batch, seq = q.shape[:2]

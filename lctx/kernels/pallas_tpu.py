@@ -22,7 +22,6 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lctx import compat
 from lctx.kernels import pallas_common as pc
 from lctx.kernels.blockwise import MaskSpec
 
@@ -197,10 +197,6 @@ def _when_kind(kind, body, masked_any: bool):
         pl.when(kind == pc.MASKED)(lambda: body(True))
 
 
-def _interpret_context(interpret: bool):
-    return pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
-
-
 def _compiler_params(generation: str | None):
     generation = generation or current_generation()
     return pltpu.CompilerParams(
@@ -294,12 +290,13 @@ def fwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, *, mask: MaskSpec, scale: flo
         scratch_shapes=[pltpu.VMEM((g, bq, NUM_LANES), jnp.float32),
                         pltpu.VMEM((g, bq, NUM_LANES), jnp.float32),
                         pltpu.VMEM((g, bq, d), jnp.float32)])
-    with _interpret_context(interpret):
+    context, hlo_interpret = compat.tpu_interpret_context(interpret)
+    with context:
         o, lse = pl.pallas_call(
             kernel, grid_spec=grid_spec,
             out_shape=[jax.ShapeDtypeStruct((b, hkv, g, sq, d), jnp.float32),
                        jax.ShapeDtypeStruct((b, hkv, g, sq, NUM_LANES), jnp.float32)],
-            compiler_params=_compiler_params(generation),
+            compiler_params=_compiler_params(generation), interpret=hlo_interpret,
             name="lctx_flash_fwd",
         )(by_q.index.reshape(-1), by_q.kind.reshape(-1), *args)
     return o, lse[..., 0], tiles
@@ -423,7 +420,8 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
                                 lambda b_, h, jk, t, idx, kd: jk, transposed=True)
     q_args = [qh, do_h, _stat_rows(lse_h), _stat_rows(delta_h)]
     ids = [_k_ids(q_pos), _q_ids(k_pos)] + ([_k_ids(q_seg), _q_ids(k_seg)] if has_seg else [])
-    with _interpret_context(interpret):
+    context, hlo_interpret = compat.tpu_interpret_context(interpret)
+    with context:
         dk, dv = pl.pallas_call(
             functools.partial(_dkdv_kernel, n_rows=nk, n_cols=nq, bq=bq, **statics),
             grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -431,7 +429,7 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
                 out_specs=[kv_out, kv_out],
                 scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2),
             out_shape=[jax.ShapeDtypeStruct(kh.shape, jnp.float32)] * 2,
-            compiler_params=_compiler_params(generation),
+            compiler_params=_compiler_params(generation), interpret=hlo_interpret,
             name="lctx_flash_bwd_dkdv",
         )(by_k.index.reshape(-1), by_k.kind.reshape(-1), *q_args, *kv_args, *ids)
 
@@ -441,14 +439,15 @@ def bwd_hm(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, do_h, lse_h, delta_h, *, mask
                                transposed=False)
     q_args = [qh, do_h, _stat_in(lse_h), _stat_in(delta_h)]
     ids = [_q_ids(q_pos), _k_ids(k_pos)] + ([_q_ids(q_seg), _k_ids(k_seg)] if has_seg else [])
-    with _interpret_context(interpret):
+    context, hlo_interpret = compat.tpu_interpret_context(interpret)
+    with context:
         dq = pl.pallas_call(
             functools.partial(_dq_kernel, n_rows=nq, n_cols=nk, bk=bk, **statics),
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=2, grid=(b, hkv, nq, nk), in_specs=in_specs,
                 out_specs=q_out, scratch_shapes=[pltpu.VMEM((g, bq, d), jnp.float32)]),
             out_shape=jax.ShapeDtypeStruct(qh.shape, jnp.float32),
-            compiler_params=_compiler_params(generation),
+            compiler_params=_compiler_params(generation), interpret=hlo_interpret,
             name="lctx_flash_bwd_dq",
         )(by_q.index.reshape(-1), by_q.kind.reshape(-1), *q_args, *kv_args, *ids)
     return dq, dk, dv
