@@ -103,6 +103,7 @@ def prompt_ids(tokenizer: Any, vocab_size: int, length: int) -> np.ndarray:
 
 def hf_model(source: str, model: Any, workdir: str):
     """The transformers LlamaForCausalLM (float32, eval) for the same weights as `model`."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization bar
     import torch
     import transformers
 

@@ -33,6 +33,7 @@ from lctx.model.rope import apply_rotary, inverse_frequencies, rope_cos_sin
 from lctx.model.transformer import attention_fn, head_logits, mlp_sublayer, rms_norm
 
 Params = dict[str, Any]
+CPU_BLOCK = 256  # prefill tile size for blockwise attention on CPU when none is configured
 
 
 def rope_length(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> int:
@@ -85,6 +86,10 @@ def _prefill_config(config: ModelConfig, seq: int) -> ModelConfig:
     options = dict(config.attention_options)
     if config.attention_impl == "ring":
         options["layout"] = "natural"
+    if (config.attention_impl == "blockwise" and not {"block_q", "block_k"} & set(options)
+            and jax.default_backend() == "cpu" and seq % CPU_BLOCK == 0):
+        # Measured on a 2-core CPU: 256-token tiles beat the 512 default by ~10% at 2K-8K.
+        options.update(block_q=CPU_BLOCK, block_k=CPU_BLOCK)
     chunk = config.ffn_chunk if config.ffn_chunk and seq % config.ffn_chunk == 0 else None
     return config.replace(attention_options=options, remat="none", ffn_chunk=chunk)
 
