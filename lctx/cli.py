@@ -26,6 +26,8 @@ import re
 import sys
 from typing import Any, Callable, Iterable, NoReturn
 
+from absl import app, flags
+
 EXIT_USAGE = 2
 # Besides UsageError, what run_main reports as the user's mistake by default: a path
 # they gave that does not exist, a file of theirs that is not JSON. Anything else
@@ -96,8 +98,6 @@ def run_absl(main: Callable[[list[str]], Any], *, prog: str,
 
     `check_argv(argv)` runs first and may raise UsageError, e.g. `check_config_argv`.
     """
-    from absl import app, flags
-
     def parse(argv: list[str]) -> list[str]:
         if check_argv is not None and not _HELP.intersection(argv):
             check_argv(argv)
@@ -179,8 +179,6 @@ def _nearest_keys(key: str, keys: Iterable[str]) -> str:
 
 def _override_problem(flag: str, key: str, value: str | None, keys: dict[str, type]) -> str | None:
     """Why `--<flag>.<key>=<value>` cannot apply to a config with `keys`, or None."""
-    from absl import flags
-
     parts = key.split(".")
     for depth in range(1, len(parts)):
         parent = ".".join(parts[:depth])

@@ -29,52 +29,41 @@ import argparse
 import copy
 import os
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from lctx.models import load
+from lctx import cli
+from lctx.bench import common
+from lctx.bench.common import format_table
+from lctx.convert import save_llama
+from lctx.infer.generate import decode_jit, prefill_jit, prefill_length
+from lctx.models.registry import REGISTRY, SourceError, registered_file
 
 DEFAULT_JSON = "bench_results/generate.json"
 
 
-class UsageError(Exception):
-    """A bad flag or model: one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def _lengths(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ints") from None
+    values = cli.ints(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive lengths")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive int")
-    return value
+    return list(values)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lctx.bench generate", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m lctx.bench generate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="any source lctx.load accepts")
     parser.add_argument("--prefill_lengths", type=_lengths, default=[2048, 8192])
-    parser.add_argument("--decode_context", type=_positive, default=2048)
-    parser.add_argument("--decode_tokens", type=_positive, default=32)
-    parser.add_argument("--repeats", type=_positive, default=2,
+    parser.add_argument("--decode_context", type=cli.positive_int, default=2048)
+    parser.add_argument("--decode_tokens", type=cli.positive_int, default=32)
+    parser.add_argument("--repeats", type=cli.positive_int, default=2,
                         help="timed runs of each side (alternating); the fastest counts")
     parser.add_argument("--json", default=DEFAULT_JSON, help="where the results go")
     return parser
@@ -87,9 +76,7 @@ def prompt_ids(tokenizer: Any, vocab_size: int, length: int) -> np.ndarray:
     """int32 `[length]`: standard-library source through `tokenizer`, else random ids."""
     if tokenizer is None:
         return np.random.default_rng(0).integers(0, vocab_size, length).astype(np.int32)
-    import inspect  # noqa: F401  (its directory is the standard library's)
-
-    root = Path(inspect.__file__).parent
+    root = Path(sysconfig.get_paths()["stdlib"])
     ids: list[int] = []
     for path in sorted(root.glob("*.py")):
         ids.extend(int(t) for t in tokenizer.encode(path.read_text(errors="replace")))
@@ -109,7 +96,6 @@ def hf_model(source: str, model: Any, workdir: str):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from lctx.models.registry import REGISTRY, registered_file
 
     path = Path(source).expanduser()
     if source in REGISTRY:
@@ -121,7 +107,6 @@ def hf_model(source: str, model: Any, workdir: str):
             path / "model_config.json").is_file():
         directory = str(path)
     else:  # an lctx checkpoint or run: export the loaded params
-        from lctx.convert import save_llama
 
         directory = os.path.join(workdir, "hf")
         save_llama(model.config, model.params, directory)
@@ -160,17 +145,13 @@ class LctxRunner:
     """Prefill and greedy decode through lctx.infer's compiled halves of `generate`."""
 
     def __init__(self, model: Any):
-        import jax
 
-        from lctx.infer.generate import decode_jit, prefill_jit, prefill_length
 
         self.jax, self.model = jax, model
         self._prefill, self._decode, self._length = prefill_jit, decode_jit, prefill_length
         self._rng = jax.random.key(0)
 
     def _args(self, ids: np.ndarray, new: int):
-        import jax.numpy as jnp
-
         seq = self._length(self.model.config, len(ids))
         tokens = np.zeros((1, seq), np.int32)
         tokens[0, :len(ids)] = ids
@@ -268,8 +249,6 @@ def measure(lctx: LctxRunner, hf: HFRunner, prompts: dict[int, np.ndarray], deco
 
 
 def table(results: dict[str, Any]) -> str:
-    from lctx.bench.common import format_table
-
     rows = []
     for row in results["prefill"]:
         rows.append([f"prefill {row['tokens']} tokens (s)", f"{row['lctx_s']:.3f}",
@@ -290,12 +269,10 @@ def table(results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import lctx
-    from lctx.bench import common
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    model = lctx.load(args.model, dtype="float32")
+    model = load(args.model, dtype="float32")
     lengths = sorted(set(args.prefill_lengths))
     limit = model.config.max_position_embeddings
     if max(lengths + [args.decode_context + args.decode_tokens]) > limit and model.config.rope.rope_type == "default":
@@ -328,20 +305,14 @@ def _transformers_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as err:
-        print(f"lctx.bench generate: {err}", file=sys.stderr)
-        return 2
-    from lctx.models.registry import SourceError
-
+    """Runs the benchmark; a bad flag or --model raises UsageError (one line, exit 2)."""
+    args = build_parser().parse_args(argv)
     try:
         run(args)
     except SourceError as err:
-        print(f"lctx.bench generate: --model={args.model}: {err}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"--model={args.model}: {err}") from None
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main, prog="lctx.bench generate")

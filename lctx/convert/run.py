@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from lctx import data as ld
 from lctx import model as lm
+from lctx import parallel
 
 __all__ = ["RUN_CONFIG", "RunCheckpoint", "checkpoint_directory", "is_run_dir",
            "model_overrides", "open_run_corpus", "read_run", "read_run_config",
@@ -78,11 +82,6 @@ def stage_mesh_shape(config: ConfigDict, stage_name: str, num_devices: int) -> d
 def open_run_corpus(config: ConfigDict, run_dir: str) -> Any:
     """The run's corpus (an lctx.data.Corpus), built once into the TFDS data dir; its manifest
     recorded in the run."""
-    import sys
-
-    from lctx import data as ld
-    from lctx import parallel
-
     d = config.data
     data_dir = d.tfds_data_dir or os.path.join(os.path.dirname(run_dir), "tfds")
     # Process 0 builds first: processes sharing a disk must not build one dataset at once.
@@ -147,7 +146,6 @@ def read_run(run_dir: str | os.PathLike, step: int | None = None) -> RunCheckpoi
 
     Raises ValueError: no run config, no checkpoints, or no checkpoint `step`.
     """
-    import flax.linen as nn
     import orbax.checkpoint as ocp
 
     config = read_run_config(run_dir)

@@ -21,8 +21,10 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import jax
+from tqdm import tqdm
 
 from lctx import model as lm
+from lctx import parallel
 from lctx.convert.run import open_run_corpus, read_run_config, stage_mesh_shape
 from lctx.data.corpus import VALIDATION_FRACTION, CorpusSpec, iter_texts, stdlib_spec
 from lctx.data.tokenizer import Tokenizer, make_tokenizer
@@ -96,8 +98,6 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
     o = {**DEFAULTS, **options}
     lengths = tuple(sorted(lengths))
     depths = tuple(float(d) for d in o["depths"])
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(TASKS[t].units(lengths, depths) for t in tasks), desc="eval",
                unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
@@ -190,8 +190,6 @@ def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAU
     training = [config.stages[n].seq_len for n in config.stage_order]
     mesh = None
     if model_config.attention_impl in ("ring", "ulysses"):
-        from lctx import parallel
-
         mesh = parallel.make_mesh(**stage_mesh_shape(config, stage, jax.device_count()))
     out_dir = os.path.join(workdir, "eval")
     results = evaluate_model(model_config, params, model.tokenizer, corpus.splits["validation"],

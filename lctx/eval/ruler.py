@@ -19,6 +19,7 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lctx.data.tokenizer import Tokenizer
 from lctx.eval.retrieval import MIN_HAYSTACK_FRACTION, prompt_ids, sentence_boundary
@@ -101,7 +102,6 @@ def chat_text(tokenizer: Tokenizer, user: str) -> str:
     (the assistant's turn opened); `user` unchanged when the tokenizer has no template."""
     if not has_chat_template(tokenizer):
         return user
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat models need Jinja
 
     # The settings transformers' apply_chat_template renders with.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

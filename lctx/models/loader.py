@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lctx.convert.checkpoint import CONFIG_FILE, load_checkpoint
+from lctx.convert.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+from lctx.convert.hf import load_llama
 from lctx.convert.run import is_run_dir, read_run
 from lctx.data.tokenizer import HuggingFaceTokenizer, Tokenizer, make_tokenizer
 from lctx.models.model import Model, place_params, with_rope_scaling
@@ -43,8 +45,6 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 
 
 def _from_gguf(path: Path) -> dict[str, Any]:
-    from lctx.convert.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
-
     file = GGUFFile(path)
     config, params = load_gguf(file)
     return dict(config=config, params=params, tokenizer=tokenizer_from_gguf(file))
@@ -63,8 +63,6 @@ def _from_checkpoint(directory: Path) -> dict[str, Any]:
 
 
 def _from_hf(directory: Path) -> dict[str, Any]:
-    from lctx.convert.hf import load_llama
-
     config, params = load_llama(directory)
     return dict(config=config, params=params, tokenizer=_dir_tokenizer(directory))
 

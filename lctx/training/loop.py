@@ -25,11 +25,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
+from tqdm import tqdm
 
 from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
+from lctx.convert.checkpoint import load_checkpoint
 from lctx.convert.run import open_run_corpus
+from lctx.eval.api import evaluate_model, format_table
 from lctx.training import config as cfg
 from lctx.training.checkpoint import Checkpointer
 from lctx.training.metrics import MetricsWriter, plot_loss_curve
@@ -115,8 +118,6 @@ def _abstract_state(stage: Stage) -> TrainState:
 
 def _initial_params(config: ConfigDict, stage: Stage) -> Any:
     if config.init_from:
-        from lctx.convert.checkpoint import load_checkpoint
-
         loaded_config, params = load_checkpoint(config.init_from)
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
             if getattr(loaded_config, field) != getattr(stage.model_config, field):
@@ -244,8 +245,6 @@ def _meta(config: ConfigDict, stage: Stage, stage_step: int, data_states: list[A
 
 
 def _progress(stage: Stage, start: int):
-    from tqdm import tqdm
-
     return tqdm(total=stage.steps, initial=start, desc=f"{stage.name} (seq {stage.settings.seq_len})",
                 unit="step", disable=jax.process_index() != 0, dynamic_ncols=True,
                 file=sys.stderr)
@@ -401,8 +400,6 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
     Returns {"lengths": perplexity and bits per byte per length, "unigram_bits_per_byte",
     and each retrieval task's accuracy per length and effective lengths when evaluated}.
     """
-    from lctx.eval.api import evaluate_model
-
     e = config.eval
     held_out = corpus.splits["validation"]
     results = evaluate_model(
@@ -418,8 +415,6 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
     retrieval = [t for t in e.tasks if isinstance(results.get(t), dict)
                  and "effective_length" in results[t]]
     if jax.process_index() == 0 and retrieval:
-        from lctx.eval.api import format_table
-
         print(f"evaluation ({os.path.join(cfg.workdir(config), 'eval', 'results.json')}):\n"
               f"{format_table(results)}")
     for task in retrieval:
