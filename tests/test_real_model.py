@@ -456,6 +456,7 @@ def _one_line_error(source, match: str) -> str:
 
 @needs_hf
 def test_gguf_errors_name_the_problem(tmp_path, capsys):
+    from lctx.cli import run_main
     from lctx.convert.cli import main
 
     write_tiny_gguf(tmp_path / "qwen.gguf", "F32", arch="qwen2")
@@ -470,7 +471,10 @@ def test_gguf_errors_name_the_problem(tmp_path, capsys):
 
     # The command line: one line on stderr, exit status 2, nothing left behind.
     out = tmp_path / "out"
-    assert main(["gguf-to-lctx", f"--gguf={tmp_path / 'qwen.gguf'}", f"--out={out}"]) == 2
+    argv = ["gguf-to-lctx", f"--gguf={tmp_path / 'qwen.gguf'}", f"--out={out}"]
+    with pytest.raises(SystemExit) as exited:
+        run_main(lambda: main(argv), prog="lctx.convert")
+    assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lctx.convert: error: ") and "qwen2" in err[0]
     assert not out.exists()

@@ -14,7 +14,9 @@ layout (lctx.training.checkpoint) and resolves stage model configs here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -28,6 +30,7 @@ from ml_collections import ConfigDict
 from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
+from lctx.cli import cause
 
 __all__ = ["RUN_CONFIG", "RunCheckpoint", "checkpoint_directory", "is_run_dir",
            "model_overrides", "open_run_corpus", "read_run", "read_run_config",
@@ -44,7 +47,8 @@ class RunCheckpoint(NamedTuple):
     stage: str
 
 
-def _as_dict(value: Any) -> dict:
+def as_dict(value: Any) -> dict:
+    """A ConfigDict, mapping or None as a plain dict."""
     if value is None:
         return {}
     return value.to_dict() if isinstance(value, ConfigDict) else dict(value)
@@ -52,26 +56,26 @@ def _as_dict(value: Any) -> dict:
 
 def model_overrides(config: ConfigDict, stage_name: str) -> dict[str, Any]:
     """The ModelConfig overrides of a stage: config.model, then the stage's model and rope_scaling."""
-    values = _as_dict(config.model)
-    values.update(_as_dict(config.stages[stage_name].get("model")))
+    values = as_dict(config.model)
+    values.update(as_dict(config.stages[stage_name].get("model")))
     values.pop("preset", None)
     values = {k: v for k, v in values.items() if v is not None}
     values["attention_options"] = dict(values.get("attention_options", {}))
     scaling = config.stages[stage_name].get("rope_scaling")
     if scaling is not None:
-        values["rope_scaling"] = _as_dict(scaling)
+        values["rope_scaling"] = as_dict(scaling)
     return values
 
 
 def stage_model_config(config: ConfigDict, stage_name: str) -> lm.ModelConfig:
     """The validated ModelConfig a stage trains."""
-    preset = _as_dict(config.stages[stage_name].get("model")).get("preset", config.model.preset)
+    preset = as_dict(config.stages[stage_name].get("model")).get("preset", config.model.preset)
     return lm.preset(preset, **model_overrides(config, stage_name))
 
 
 def stage_mesh_shape(config: ConfigDict, stage_name: str, num_devices: int) -> dict[str, int]:
     """Mesh sizes of a stage with -1 filled from the device count (may not match: validate)."""
-    sizes = {**_as_dict(config.mesh), **_as_dict(config.stages[stage_name].get("mesh"))}
+    sizes = {**as_dict(config.mesh), **as_dict(config.stages[stage_name].get("mesh"))}
     known = math.prod(v for v in sizes.values() if v != -1)
     fill = [k for k, v in sizes.items() if v == -1]
     if len(fill) == 1 and known > 0 and num_devices % known == 0:
@@ -132,6 +136,37 @@ def checkpoint_directory(config: ConfigDict, run_dir: str | os.PathLike) -> str:
     return directory if "://" in directory else os.path.abspath(directory)
 
 
+@contextlib.contextmanager
+def orbax_quietly():
+    """Orbax logs (through absl) the damaged files it meets, then raises or skips them; lctx
+    reports them once, in one line."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
+def drop_stale_orbax_callbacks() -> None:
+    """After a failed restore, orbax's reads still in flight complete into its event loop,
+    already closed, and each prints "Event loop is closed" as an unraisable error (a
+    traceback on stderr, also at exit). They are harmless: the failure itself is reported
+    once. Installed before any restore, since they may arrive before it raises."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_stale_orbax_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_stale_orbax_callbacks = True
+    sys.unraisablehook = hook
+
+
 def _host_params(abstract: Mapping[str, Any]) -> tuple[Any, Any]:
     """(target tree, restore args) that read params as host NumPy arrays."""
     import orbax.checkpoint as ocp
@@ -139,6 +174,18 @@ def _host_params(abstract: Mapping[str, Any]) -> tuple[Any, Any]:
     target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)
     args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     return target, args
+
+
+def _restore(manager: Any, where: str, **items: Any) -> Any:
+    """One Orbax restore of `items` at the step directory `where`; one-line ValueError if it fails."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with orbax_quietly():
+            return manager.restore(int(os.path.basename(where)), args=ocp.args.Composite(**items))
+    except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
+        raise ValueError(f"checkpoint {where} could not be restored ({', '.join(items)}: "
+                         f"{cause(err)}); it is truncated, corrupt or of another model") from None
 
 
 def read_run(run_dir: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
@@ -150,22 +197,28 @@ def read_run(run_dir: str | os.PathLike, step: int | None = None) -> RunCheckpoi
 
     config = read_run_config(run_dir)
     directory = checkpoint_directory(config, run_dir)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=False)) if os.path.isdir(directory) or "://" in directory else None
+    drop_stale_orbax_callbacks()
+    manager = None
+    if os.path.isdir(directory) or "://" in directory:
+        with orbax_quietly():  # it reads each step's metadata, damaged or not
+            manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+                create=False))
     try:
-        steps = sorted(manager.all_steps()) if manager else []
+        with orbax_quietly():
+            steps = sorted(manager.all_steps()) if manager else []
         if not steps:
             raise ValueError(f"workdir={str(run_dir)!r}: no checkpoints in {directory}")
         if step is None:
             step = steps[-1]
         elif step not in steps:
             raise ValueError(f"step={step}: no such checkpoint in {directory}; available: {steps}")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        where = os.path.join(directory, str(step))
+        meta = _restore(manager, where, meta=ocp.args.JsonRestore())["meta"]
         model_config = stage_model_config(config, config.stage_order[meta["stage_index"]])
         target, restore_args = _host_params(nn.meta.unbox(lm.abstract_params(model_config)))
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        state = _restore(manager, where, state=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args},
-            partial_restore=True)))["state"]
+            partial_restore=True))["state"]
     finally:
         if manager is not None:
             manager.close()

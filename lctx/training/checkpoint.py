@@ -26,39 +26,9 @@ from typing import Any, Callable
 import orbax.checkpoint as ocp
 
 from lctx.cli import cause
+from lctx.convert.run import drop_stale_orbax_callbacks, orbax_quietly
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _orbax_errors_unlogged():
-    """Orbax logs (through absl) the damaged files it meets, then raises or skips them; lctx
-    reports them once, in one line (CheckpointError, or restore_latest's warning)."""
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        absl_log.setLevel(level)
-
-
-def _drop_stale_orbax_callbacks() -> None:
-    """After a failed restore, orbax's reads still in flight complete into its event loop,
-    already closed, and each prints "Event loop is closed" as an unraisable error (a
-    traceback on stderr, also at exit). They are harmless: the failure itself is reported
-    once. Installed before any restore, since they may arrive before it raises."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_stale_orbax_callbacks", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_stale_orbax_callbacks = True
-    sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):
@@ -73,12 +43,12 @@ class Checkpointer:
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        with _orbax_errors_unlogged():  # it reads each step's metadata, damaged or not
+        with orbax_quietly():  # it reads each step's metadata, damaged or not
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
-        with _orbax_errors_unlogged():
+        with orbax_quietly():
             return sorted(self._manager.all_steps())
 
     def due(self, global_step: int) -> bool:
@@ -108,9 +78,9 @@ class Checkpointer:
 
     def _restore(self, global_step: int, **items: Any) -> Any:
         """Orbax's restore; CheckpointError (one line naming the step directory) if it fails."""
-        _drop_stale_orbax_callbacks()
+        drop_stale_orbax_callbacks()
         try:
-            with _orbax_errors_unlogged():
+            with orbax_quietly():
                 return self._manager.restore(global_step, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax / tensorstore raise many kinds for damaged files
             raise CheckpointError(

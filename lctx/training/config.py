@@ -20,7 +20,7 @@ from lctx.data.synthetic import mix_problems
 from lctx.eval.api import DEFAULT_LENGTHS, DEFAULTS as EVAL_DEFAULTS, check_options
 # Stage resolution lives below training so loaders read run directories without it.
 from lctx.convert.run import stage_mesh_shape as mesh_shape
-from lctx.convert.run import stage_model_config as model_config
+from lctx.convert.run import as_dict, stage_model_config as model_config
 from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from lctx.kernels.layout import placement_multiple
 from lctx.kernels.pallas import resolve_kernel
@@ -188,7 +188,7 @@ def _model_errors(build) -> list[str]:
 
 def _shared_model(config: ConfigDict) -> dict[str, Any]:
     """config.model's overrides alone, without any stage's."""
-    values = {k: v for k, v in _as_dict(config.model).items() if v is not None and k != "preset"}
+    values = {k: v for k, v in as_dict(config.model).items() if v is not None and k != "preset"}
     values["attention_options"] = dict(values.get("attention_options", {}))
     return values
 
