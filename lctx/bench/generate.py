@@ -44,7 +44,7 @@ from lctx import cli
 from lctx.bench import common
 from lctx.bench.common import format_table
 from lctx.convert import save_llama
-from lctx.infer.generate import decode_jit, prefill_jit, prefill_length
+from lctx.infer.generate import DEFAULT_CHUNK, decode_jit, new_cache, prefill_jit, prefill_length
 from lctx.models.registry import REGISTRY, SourceError, registered_file
 
 DEFAULT_JSON = "bench_results/generate.json"
@@ -145,33 +145,30 @@ class LctxRunner:
     """Prefill and greedy decode through lctx.infer's compiled halves of `generate`."""
 
     def __init__(self, model: Any):
-
-
-        self.jax, self.model = jax, model
-        self._prefill, self._decode, self._length = prefill_jit, decode_jit, prefill_length
+        self.model = model
         self._rng = jax.random.key(0)
 
-    def _args(self, ids: np.ndarray, new: int):
-        seq = self._length(self.model.config, len(ids))
+    def prefill(self, ids: np.ndarray, new: int = 0):
+        """(logits, cache) of one prompt, the cache sized for `new` more tokens."""
+        config = self.model.config
+        seq = prefill_length(len(ids), DEFAULT_CHUNK)
         tokens = np.zeros((1, seq), np.int32)
         tokens[0, :len(ids)] = ids
-        return jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), seq + new, len(ids) + new
-
-    def prefill(self, ids: np.ndarray, new: int = 0):
-        tokens, lengths, cache_len, rope_len = self._args(ids, new)
-        out = self._prefill(self.model.config, self.model.params, tokens, lengths,
-                            cache_len=cache_len, rope_seq_len=rope_len)
-        return self.jax.block_until_ready(out)
+        cache = new_cache(config, "full", batch=1, tokens=seq + new, chunk=min(seq, DEFAULT_CHUNK))
+        out = prefill_jit(config, self.model.params, jnp.asarray(tokens),
+                          jnp.asarray([len(ids)], jnp.int32), cache, chunk=DEFAULT_CHUNK,
+                          rope_seq_len=len(ids) + new)
+        return jax.block_until_ready(out)
 
     def decode(self, ids: np.ndarray, logits, cache, steps: int) -> np.ndarray:
-        lengths = self.jax.numpy.asarray([len(ids)], self.jax.numpy.int32)
-        tokens, _, _ = self._decode(self.model.config, self.model.params, cache, logits, lengths,
-                                    self._rng, steps=steps, temperature=0.0,
-                                    rope_seq_len=len(ids) + steps)
+        lengths = jnp.asarray([len(ids)], jnp.int32)
+        tokens, _, _ = decode_jit(self.model.config, self.model.params, cache, logits, lengths,
+                                  self._rng, steps=steps, temperature=0.0,
+                                  rope_seq_len=len(ids) + steps)
         return np.asarray(tokens)[0]
 
     def copy(self, cache):
-        return self.jax.block_until_ready(self.jax.tree.map(lambda x: x.copy(), cache))
+        return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), cache))
 
 
 # ----------------------------------------------------------------------------- timing

@@ -66,14 +66,14 @@ def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping
     return problems
 
 
-def _continuations(model_config, params, tokenizer, prompts, max_new, batch, mesh):
+def _continuations(model_config, params, tokenizer, prompts, max_new, batch):
     """Greedy continuations (text) of prompt ids, batched by similar length."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
         tokens = generate(model_config, params, [prompts[i] for i in rows],
-                          max_new_tokens=max_new, pad_id=tokenizer.pad_id, mesh=mesh)
+                          max_new_tokens=max_new, pad_id=tokenizer.pad_id)
         for i, ids in zip(rows, tokens):
             out[i] = tokenizer.decode(ids)
     return out
@@ -115,7 +115,7 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
         tokenizer=tokenizer, held_out=held_out, text_key=text_key, lengths=lengths, depths=depths,
         options=o, perplexity=perplexity, advance=advance,
         continue_text=lambda prompts, max_new: _continuations(
-            model_config, params, tokenizer, prompts, max_new, o["prompt_batch"], mesh))
+            model_config, params, tokenizer, prompts, max_new, o["prompt_batch"]))
     results: dict[str, Any] = {"lengths": list(lengths),
                                "training_lengths": sorted(set(training_lengths)),
                                "rope": model_config.rope.to_hf() if hasattr(model_config.rope, "to_hf")

@@ -26,7 +26,7 @@ from lctx import compat, kernels, parallel
 from lctx.kernels.layout import placement_multiple
 from lctx.model.config import ModelConfig
 from lctx.model.loss import chunked_cross_entropy, default_chunk
-from lctx.model.transformer import Llama, length_shards
+from lctx.model.transformer import Llama, head_logits, length_shards
 
 Params = dict[str, Any]
 
@@ -211,3 +211,24 @@ def loss(config: ModelConfig, params: Params, tokens: jax.Array, targets: jax.Ar
     denom = jnp.maximum(n_tokens, 1.0)
     mean = nll / denom
     return mean, {"loss": mean, "tokens": n_tokens, "accuracy": correct / denom}
+
+
+def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Any, *,
+           positions: jax.Array, valid: jax.Array, rope_seq_len: int) -> tuple[jax.Array, Any]:
+    """Runs a chunk of tokens int `[b, C]` through the model, appended to a KV cache.
+
+    The same layers as `forward`, with attention over the cache (`lctx.infer.kvcache`;
+    one device). positions int `[b, C]`; valid bool `[b, C]` (False: padding, never
+    attended). Returns (final-normed hidden `[b, C, D]`, updated cache); `logits_of`
+    turns hidden states into logits. Not jitted: call it inside a jit.
+    """
+    return Llama(config).apply({"params": params}, tokens.astype(jnp.int32),
+                               positions.astype(jnp.int32), valid, rope_seq_len, cache,
+                               method=Llama.hidden_cached)
+
+
+def logits_of(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits `[..., V]` of final-normed hidden states `[..., D]`."""
+    model = Llama(config)
+    head = model.apply({"params": params}, method=Llama.head)
+    return head_logits(hidden, head, config.tie_embeddings)

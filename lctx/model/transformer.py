@@ -209,6 +209,15 @@ def attention_fn(cfg: ModelConfig, mesh: Mesh | None) -> Callable[..., jax.Array
     return attend
 
 
+def project_qkv(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Array], cos: jax.Array,
+                sin: jax.Array, *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries `[b, s, H, hd]`, rotated keys and values `[b, s, Hkv, hd]` of rms_norm(x)."""
+    h = rms_norm(x, norm_scale, cfg.norm_eps).astype(cfg.compute_dtype)
+    q = apply_rotary(jnp.einsum("bsd,dhk->bshk", h, w["q"]), cos, sin)
+    k = apply_rotary(jnp.einsum("bsd,dhk->bshk", h, w["k"]), cos, sin)
+    return q, k, jnp.einsum("bsd,dhk->bshk", h, w["v"])
+
+
 def attention_sublayer(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Array],
                        cos: jax.Array, sin: jax.Array, positions: jax.Array,
                        segment_ids: jax.Array | None, *, cfg: ModelConfig,
@@ -218,10 +227,7 @@ def attention_sublayer(x: jax.Array, norm_scale: jax.Array, w: dict[str, jax.Arr
     x `[b, s, D]` (compute dtype); cos/sin float32 `[b, s, rot/2]`; positions and
     segment ids int32 `[b, s]`; w from AttentionWeights. Returns `[b, s, D]`.
     """
-    h = rms_norm(x, norm_scale, cfg.norm_eps).astype(cfg.compute_dtype)
-    q = apply_rotary(jnp.einsum("bsd,dhk->bshk", h, w["q"]), cos, sin)
-    k = apply_rotary(jnp.einsum("bsd,dhk->bshk", h, w["k"]), cos, sin)
-    v = jnp.einsum("bsd,dhk->bshk", h, w["v"])
+    q, k, v = project_qkv(x, norm_scale, w, cos, sin, cfg=cfg)
     q = constrain_logical(q, Q_AXES, mesh)
     k, v = (constrain_logical(t, KV_AXES, mesh) for t in (k, v))
     attend = attention_fn(cfg, mesh)
@@ -265,6 +271,22 @@ def block_fn(x: jax.Array, weights: dict[str, Any], cos: jax.Array, sin: jax.Arr
     return mlp_sublayer(x, weights["mlp_norm"], weights["mlp"], cfg=cfg, mesh=mesh)
 
 
+def cached_block_fn(x: jax.Array, weights: dict[str, Any], cos: jax.Array, sin: jax.Array,
+                    positions: jax.Array, valid: jax.Array, cache: Any, *, cfg: ModelConfig
+                    ) -> tuple[jax.Array, Any]:
+    """`block_fn` for a chunk of tokens appended to one layer's KV cache (one device).
+
+    cache: one layer of an `lctx.infer.kvcache.KVCache` (any object with its `attend`):
+    it stores the chunk's keys and values, attends over everything it holds and
+    evicts by its policy. valid bool `[b, s]` marks real tokens (False: padding).
+    Returns (x `[b, s, D]`, the layer's updated cache).
+    """
+    q, k, v = project_qkv(x, weights["attn_norm"], weights["attn"], cos, sin, cfg=cfg)
+    out, cache = cache.attend(q, k, v, positions, valid, sliding_window=cfg.sliding_window)
+    x = x + jnp.einsum("bshk,hkd->bsd", out, weights["attn"]["o"])
+    return mlp_sublayer(x, weights["mlp_norm"], weights["mlp"], cfg=cfg, mesh=None), cache
+
+
 def remat_block(cfg: ModelConfig, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     """`fn` (a layer) under the config's remat policy.
 
@@ -290,20 +312,24 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
+                 segment_ids: jax.Array | None, cache: Any = None, valid: jax.Array | None = None
+                 ) -> tuple[jax.Array, Any]:
+        """(x, None), or with one layer's KV cache (cached_block_fn) (x, updated cache)."""
         c = self.config
         weights = {"attn_norm": _norm_scale(c, "attn_norm"),
                    "attn": AttentionWeights(c, name="attn")(),
                    "mlp_norm": _norm_scale(c, "mlp_norm"),
                    "mlp": MLPWeights(c, name="mlp")()}
+        if cache is not None:
+            return cached_block_fn(x, weights, cos, sin, positions, valid, cache, cfg=c)
         layer = remat_block(c, functools.partial(block_fn, cfg=c, mesh=self.mesh))
         return layer(x, weights, cos, sin, positions, segment_ids), None
 
 
 def scanned_blocks(cfg: ModelConfig) -> type[nn.Module]:
-    """Block scanned over n_layers, parameters stacked on a leading "layers" axis."""
+    """Block scanned over n_layers, parameters (and a KV cache) stacked on a leading axis."""
     return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,) * 4, length=cfg.n_layers,
+                   in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast), length=cfg.n_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -336,6 +362,18 @@ class Llama(nn.Module):
 
         rope_seq_len: the static sequence length `dynamic` / `longrope` RoPE scale for.
         """
+        return self._layers(tokens, positions, segment_ids, rope_seq_len, None, None)[0]
+
+    def hidden_cached(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+                      rope_seq_len: int, cache: Any) -> tuple[jax.Array, Any]:
+        """`hidden` of a chunk appended to a KV cache `[layers, ...]` (one device).
+
+        valid bool `[b, s]` marks real tokens. Returns (hidden `[b, s, D]`, the cache
+        with the chunk written and the policy's eviction applied).
+        """
+        return self._layers(tokens, positions, None, rope_seq_len, cache, valid)
+
+    def _layers(self, tokens, positions, segment_ids, rope_seq_len, cache, valid):
         c = self.config
         inv_freq, attention_factor = inverse_frequencies(c.rope, c.head_dim, rope_seq_len)
         # One cos/sin table per forward, shared by every layer (broadcast into the scan).
@@ -345,8 +383,8 @@ class Llama(nn.Module):
         table = constrain_logical(self.embed(), ("vocab", None), self.mesh)
         x = jnp.take(table, tokens, axis=0).astype(c.compute_dtype)
         x = constrain_logical(x, ACTIVATION, self.mesh)
-        x, _ = self.layers(x, cos, sin, positions, segment_ids)
-        return rms_norm(x, self.final_norm(), c.norm_eps).astype(c.compute_dtype)
+        x, cache = self.layers(x, cos, sin, positions, segment_ids, cache, valid)
+        return rms_norm(x, self.final_norm(), c.norm_eps).astype(c.compute_dtype), cache
 
     def head(self) -> jax.Array:
         """The output projection: `[D, V]` lm_head, or the `[V, D]` embedding when tied."""

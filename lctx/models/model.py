@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from lctx import model as lm
 from lctx.data.tokenizer import Tokenizer
 from lctx.infer import generate as infer_generate
+from lctx.infer.generate import DEFAULT_CHUNK
 from lctx.model.config import rope_from_scaling
 
 Params = dict[str, Any]
@@ -97,8 +98,11 @@ class Model:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
                  | np.ndarray, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 rng: jax.Array | None = None) -> Any:
-        """Continues prompts (greedy at temperature 0, else sampled with `rng`).
+                 rng: jax.Array | None = None, kv_cache: str = "full",
+                 chunk: int = DEFAULT_CHUNK) -> Any:
+        """Continues prompts (greedy at temperature 0, else sampled with `rng`) through a
+        KV cache of policy `kv_cache` (a spec, lctx.infer.kvcache), prefilling `chunk`
+        tokens at a time.
 
         A str gives a str, a list of str a list of str: the continuation decoded up to
         the first EOS. Token ids give ids: `[n]` for one prompt `[len]`, `[b, n]` for a
@@ -112,7 +116,8 @@ class Model:
                                                                 for p in batch]
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
         new = infer_generate(self.config, self.params, ids, max_new_tokens=max_new_tokens,
-                             temperature=temperature, rng=rng, pad_id=pad, mesh=self.mesh)
+                             temperature=temperature, rng=rng, pad_id=pad, kv_cache=kv_cache,
+                             chunk=chunk)
         if as_text:
             texts = [self._decode_until_eos(row) for row in new]
             return texts[0] if single else texts
