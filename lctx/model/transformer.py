@@ -311,19 +311,25 @@ class Block(nn.Module):
     mesh: Mesh | None
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None, cache: Any = None, valid: jax.Array | None = None
-                 ) -> tuple[jax.Array, Any]:
-        """(x, None), or with one layer's KV cache (cached_block_fn) (x, updated cache)."""
+    def __call__(self, carry: tuple[jax.Array, Any], cos: jax.Array, sin: jax.Array,
+                 positions: jax.Array, segment_ids: jax.Array | None, layer: jax.Array,
+                 valid: jax.Array | None) -> tuple[tuple[jax.Array, Any], None]:
+        """carry: (x, None), or (x, the whole `[layers, ...]` KV cache) of which this layer
+        (index `layer`) reads and writes its own slice (cached_block_fn). The cache rides
+        in the scan's carry so each layer's write is in place, not a copy of the cache."""
+        x, cache = carry
         c = self.config
         weights = {"attn_norm": _norm_scale(c, "attn_norm"),
                    "attn": AttentionWeights(c, name="attn")(),
                    "mlp_norm": _norm_scale(c, "mlp_norm"),
                    "mlp": MLPWeights(c, name="mlp")()}
         if cache is not None:
-            return cached_block_fn(x, weights, cos, sin, positions, valid, cache, cfg=c)
-        layer = remat_block(c, functools.partial(block_fn, cfg=c, mesh=self.mesh))
-        return layer(x, weights, cos, sin, positions, segment_ids), None
+            mine = jax.tree.map(lambda a: a[layer], cache)
+            x, mine = cached_block_fn(x, weights, cos, sin, positions, valid, mine, cfg=c)
+            cache = jax.tree.map(lambda a, new: a.at[layer].set(new), cache, mine)
+            return (x, cache), None
+        layer_fn = remat_block(c, functools.partial(block_fn, cfg=c, mesh=self.mesh))
+        return (layer_fn(x, weights, cos, sin, positions, segment_ids), None), None
 
 
 def scanned_blocks(cfg: ModelConfig) -> type[nn.Module]:
@@ -383,7 +389,9 @@ class Llama(nn.Module):
         table = constrain_logical(self.embed(), ("vocab", None), self.mesh)
         x = jnp.take(table, tokens, axis=0).astype(c.compute_dtype)
         x = constrain_logical(x, ACTIVATION, self.mesh)
-        x, cache = self.layers(x, cos, sin, positions, segment_ids, cache, valid)
+        layer_index = jnp.arange(c.n_layers, dtype=jnp.int32)
+        (x, cache), _ = self.layers((x, cache), cos, sin, positions, segment_ids, layer_index,
+                                    valid)
         return rms_norm(x, self.final_norm(), c.norm_eps).astype(c.compute_dtype), cache
 
     def head(self) -> jax.Array:
