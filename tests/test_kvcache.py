@@ -58,7 +58,8 @@ def test_cache_attention_matches_float64_numpy(window):
     weights = rng.uniform(size=(b, c)).astype(np.float32)
     out, scores = cache_attention(jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(k),
                                   jnp.asarray(v), jnp.asarray(k_pos), sliding_window=window,
-                                  score_weights=jnp.asarray(weights), block=8)
+                                  score_weights=jnp.asarray(weights), block=8,
+                                  block_q=3)
     want_out, want_scores = numpy_cache_attention(q, q_pos, k, v, k_pos, window, weights)
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-6)
     np.testing.assert_allclose(np.asarray(scores), want_scores, atol=2e-6)
