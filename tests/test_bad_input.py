@@ -124,6 +124,43 @@ CASES = [
      ["--config=nope.py", "no such file"]),
     ("bench-train-zero-cadence", ["lctx.bench.train", "--config={in}/zero_cadence.py"],
      ["checkpoint.every_steps=0", "positive"]),
+    # python -m lctx.kvcache memory
+    ("kvcache-unknown-preset", ["lctx.kvcache", "memory", "--model=llama-70b", "--tokens=4096"],
+     ["--model=llama-70b", "unknown preset", "llama-70b-mha"]),
+    ("kvcache-dims-missing", ["lctx.kvcache", "memory", "--layers=32", "--tokens=4096"],
+     ["--kv_heads, --head_dim", "required without --model"]),
+    ("kvcache-tokens-not-int", ["lctx.kvcache", "memory", "--model=llama-3-8b", "--tokens=4k"],
+     ["--tokens", "'4k'", "comma-separated ints"]),
+    ("kvcache-dtype", ["lctx.kvcache", "memory", "--model=llama-3-8b", "--tokens=8",
+                       "--dtype=bf61"],
+     ["--dtype=bf61", "did you mean bf16"]),
+    ("kvcache-fit-unit", ["lctx.kvcache", "memory", "--model=llama-3-8b", "--tokens=8",
+                          "--fit=80XB"], ["--fit", "'80XB'", "80GiB"]),
+    ("kvcache-unknown-policy", ["lctx.kvcache", "memory", "--model=llama-3-8b", "--tokens=8",
+                                "--kv_cache=ful"], ["--kv_cache='ful'", "unknown policy"]),
+    ("kvcache-fit-needs-params", ["lctx.kvcache", "memory", "--layers=2", "--kv_heads=1",
+                                  "--head_dim=8", "--tokens=8", "--fit=1GB"],
+     ["--fit", "--params"]),
+    # python -m lctx.generate (the cases that need a model: tests/test_generate_cli.py)
+    ("generate-unknown-policy", ["lctx.generate", "--model=smollm2-135m", "--prompt=hi",
+                                 "--max_new_tokens=2", "--kv_cache=int9"],
+     ["--kv_cache='int9'", "unknown policy", "allowed: "]),
+    ("generate-policy-option", ["lctx.generate", "--model=smollm2-135m", "--prompt=hi",
+                                "--max_new_tokens=2", "--kv_cache=full:budget=4"],
+     ["--kv_cache='full:budget=4'", "allowed keys: none"]),
+    ("generate-both-prompts", ["lctx.generate", "--model=smollm2-135m", "--prompt=hi",
+                               "--prompt_file=p.txt", "--max_new_tokens=2"],
+     ["--prompt=TEXT or --prompt_file=FILE", "exactly one"]),
+    ("generate-no-prompt", ["lctx.generate", "--model=smollm2-135m", "--max_new_tokens=2"],
+     ["--prompt=TEXT or --prompt_file=FILE", "exactly one"]),
+    ("generate-prompt-file-missing", ["lctx.generate", "--model=smollm2-135m",
+                                      "--prompt_file=nope.txt", "--max_new_tokens=2"],
+     ["--prompt_file=nope.txt", "no such file"]),
+    ("generate-max-new-tokens", ["lctx.generate", "--model=smollm2-135m", "--prompt=hi",
+                                 "--max_new_tokens=2.5"],
+     ["--max_new_tokens", "'2.5'", "int >= 1"]),
+    ("generate-unknown-model", ["lctx.generate", "--model=smollm3", "--prompt=hi",
+                                "--max_new_tokens=2"], ["--model=smollm3", "unknown model"]),
 ]
 
 
@@ -209,7 +246,9 @@ def test_bad_input(argv, expected, inputs, tmp_path):
 VALID = [("train-dry-run", ["lctx.train", f"--config={TINY}", "--dry_run"]),
          ("eval-undamaged-run", ["lctx.eval", "--workdir={in}/run", "--tasks=ppl", "--lengths=32",
                                  "--stride=32", "--max_tokens=32", "--batch_size=1"]),
-         ("bench-list", ["lctx.bench"])]
+         ("bench-list", ["lctx.bench"]),
+         ("kvcache-memory", ["lctx.kvcache", "memory", "--model=llama-3-8b", "--tokens=8",
+                             "--fit=80GB"])]
 
 
 @pytest.mark.parametrize("argv", [v[1] for v in VALID], ids=[v[0] for v in VALID])

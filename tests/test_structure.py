@@ -13,7 +13,8 @@ Floors, lowest first (a package's floor is what it imports today):
   3  lctx.infer, lctx.convert            model (convert: data's tokenizers too)
   4  lctx.load / lctx.models             the loader: any source -> Model
   5  lctx.training, lctx.eval, lctx.bench
-  6  lctx.train, lctx (the root)         entry point; the root re-exports lctx.load
+  6  lctx.train, lctx.kvcache,           entry points; the root re-exports lctx.load
+     lctx.generate, lctx (the root)
   7  experiments                         studies and notebooks' scripts
 """
 
@@ -32,7 +33,7 @@ FLOORS = {
     "lctx.infer": 3, "lctx.convert": 3,
     "lctx.load": 4, "lctx.models": 4,
     "lctx.training": 5, "lctx.eval": 5, "lctx.bench": 5,
-    "lctx.train": 6, "lctx": 6,
+    "lctx.train": 6, "lctx.kvcache": 6, "lctx.generate": 6, "lctx": 6,
     "experiments": 7,
 }
 

@@ -5,7 +5,7 @@ padding). Query i at position p sees slot t iff 0 <= pos[t] <= p (and
 pos[t] > p - sliding_window): causal by position, not by slot index, so a cache may
 keep any subset of keys in any slot order (eviction) and the chunk's own keys may be
 written before attending. Keys are read in blocks with an online softmax, so no
-`[C, T]` matrix exists beyond one `[C, block]` tile per head.
+`[C, T]` matrix exists beyond one `[block_q, block]` tile per head.
 
 Evicting policies also need how much attention each cached key received: with
 `score_weights` a second blocked pass sums each key's softmax probability over the
