@@ -93,7 +93,8 @@ def until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize("chat", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["plain", "chat"])
 def test_cli_streams_generates_tokens(chat, ckpt, chat_ckpt, model, tmp_path):
     """The command's tokens and text are generate()'s (a 4-token chunk: the prompt is
     prefilled in several padded steps), cut before the first EOS."""
@@ -114,7 +115,8 @@ def test_cli_streams_generates_tokens(chat, ckpt, chat_ckpt, model, tmp_path):
     assert "error" not in done.stderr.lower()
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", [n if n in ("full", "sink_window", "int4") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in sorted(POLICIES)])
 def test_stream_tokens_equal_generate_for_every_policy(name, model):
     ids = model.encode(PROMPT)
     got = list(cli.stream_tokens(model.config, model.params, ids, max_new_tokens=12,

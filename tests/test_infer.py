@@ -31,7 +31,8 @@ PROMPTS = [np.random.default_rng(0).integers(0, 256, n) for n in (40, 27)]  # pa
 
 @pytest.mark.parametrize("scaling", [
     None,
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    pytest.param({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                 marks=pytest.mark.slow),
     {"rope_type": "dynamic", "factor": 2.0},  # frequencies depend on the length (40 + 5 > 32)
 ], ids=["default", "yarn", "dynamic"])
 def test_greedy_cache_equals_full_recomputation(scaling):

@@ -166,7 +166,8 @@ def test_int8_through_attend_reads_back_numpy():
 
 @pytest.mark.parametrize("spec", ["int4:group=8,residual=16",
                                   "int4:bits=2,group=8,residual=0,rotate=hadamard",
-                                  "int4:group=32,residual=32"])  # value groups: the whole head
+                                  pytest.param("int4:group=32,residual=32",  # value groups: the whole head
+                                               marks=pytest.mark.slow)])
 def test_int4_written_in_chunks_reads_back_numpy(spec):
     """After every write (prefill chunks of several sizes, then decode tokens; one row
     with padding): the quantized tokens read back as NumPy's dequantization (keys

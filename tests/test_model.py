@@ -274,7 +274,8 @@ def single_device_loss():
     return config, params, inputs, loss_and_grads(config, params, inputs)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 8, 1), (2, 1, 4, 1), (1, 2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 8, 1), pytest.param((2, 1, 4, 1), marks=pytest.mark.slow),
+                                        pytest.param((1, 2, 2, 2), marks=pytest.mark.slow)])
 def test_loss_and_grads_on_meshes_equal_single_device(mesh_shape):
     config, params, inputs, ((loss, metrics), grads) = single_device_loss()
     mesh = make_mesh(*mesh_shape)
