@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lctx.infer.kvcache.base import Data, keep_top
 from lctx.infer.kvcache.registry import register
-from lctx.infer.kvcache.sink_window import Evicting, ranked
+from lctx.infer.kvcache.evicting import Evicting, ranked
 
 
 @register
