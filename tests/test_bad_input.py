@@ -71,6 +71,8 @@ CASES = [
     ("train-preset", ["lctx.train", f"--config={TINY}", "--config.model.preset=nope"],
      ["model.preset='nope'", "tiny"]),
     # python -m lctx.eval
+    ("eval-kv-cache-unknown", ["lctx.eval", "--model=smollm2-135m", "--kv_cache=snapk:budget=64"],
+     ["--kv_cache='snapk:budget=64'", "unknown policy", "allowed:"]),
     ("eval-workdir-missing", ["lctx.eval", "--workdir=no_run"], ["--workdir=no_run", "no such directory"]),
     ("eval-not-a-run", ["lctx.eval", "--workdir={in}/ckpt_corrupt"], ["workdir=", "no config.json"]),
     ("eval-checkpoint-corrupt", ["lctx.eval", "--workdir={in}/run_corrupt"],

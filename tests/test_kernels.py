@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lctx import kernels
-from lctx.kernels import api
+from lctx.kernels.registry import IMPLS
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -216,15 +216,20 @@ def test_shard_shapes_inside_shard_map(monkeypatch):
     of the sequence, so data-parallel replicas never compute the whole batch."""
     seen = {}
 
-    def spy(name, fn):
-        def wrapped(q, k, v, **kw):
-            seen[name] = (q.shape, k.shape, kw["positions"].shape)
-            return fn(q, k, v, **kw)
-        return wrapped
+    def spy(name):
+        entry = IMPLS[name]
 
-    monkeypatch.setattr(api, "ring_attention", spy("ring", kernels.ring_attention))
-    monkeypatch.setattr(api, "ulysses_attention", spy("ulysses", kernels.ulysses_attention))
-    monkeypatch.setattr(api, "blockwise_attention", spy("blockwise", kernels.blockwise_attention))
+        def build(plan):
+            local = entry.build(plan)
+
+            def wrapped(q, k, v, pos, seg):
+                seen[name] = (q.shape, k.shape, pos.shape)
+                return local(q, k, v, pos, seg)
+            return wrapped
+        return dataclasses.replace(entry, build=build)
+
+    for name in ("ring", "ulysses", "blockwise"):  # each impl's per-device function, spied on
+        monkeypatch.setitem(IMPLS, name, spy(name))
     jax.clear_caches()
     batch, seq, heads, kv_heads, dim = 4, 64, 8, 4, 8
     q = jnp.ones((batch, seq, heads, dim))
@@ -323,3 +328,24 @@ def test_blockwise_feedforward_matches_plain():
         assert max_abs(g, g_ref) < 1e-3 * float(jnp.max(jnp.abs(g_ref)))
     with pytest.raises(ValueError, match="chunk_size=24"):
         kernels.blockwise_feedforward(lambda h: h, x, 24)
+
+
+def test_a_registered_impl_is_taken_by_the_kernels_and_the_model(monkeypatch):
+    """One `register` call is all a new implementation needs: `attention` runs it and
+    ModelConfig accepts it (here a renamed copy of the reference, checked against a
+    float64 NumPy causal attention)."""
+    monkeypatch.setitem(IMPLS, "dense_copy", dataclasses.replace(IMPLS["reference"], name="dense_copy"))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 16, 2, 8)).astype(np.float32) for _ in range(3))
+    out = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="dense_copy",
+                            causal=True)
+    logits = np.einsum("qhd,khd->hqk", q[0].astype(np.float64), k[0].astype(np.float64)) / np.sqrt(8)
+    logits = np.where(np.tril(np.ones((16, 16), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), v[0])
+    np.testing.assert_allclose(np.asarray(out[0]), expected, atol=1e-5)
+    from lctx import model
+    config = model.preset("tiny", attention_impl="dense_copy")
+    assert not config.sequence_parallel
+    with pytest.raises(ValueError, match=r"block_q=8 is not allowed; impl 'dense_copy' accepts no options"):
+        kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="dense_copy", block_q=8)

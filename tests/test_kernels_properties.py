@@ -143,9 +143,9 @@ def _arrays(b=1, s=64, h=4, hkv=2, d=8, dtype=jnp.float32):
 
 MESH8 = (1, 1, 8, 1)
 ERRORS = [
-    ("unknown impl", dict(impl="flash"), {}, r"impl='flash'.*reference.*blockwise.*ring.*ulysses"),
-    ("unknown layout", dict(impl="ring", layout="sorted", mesh=MESH8), {}, r"layout='sorted'.*natural.*balanced"),
-    ("unknown option", dict(impl="blockwise", chunk=4), {}, r"impl_options=\['chunk'\].*block_q"),
+    ("unknown impl", dict(impl="flash"), {}, r"impl='flash'.*blockwise.*pallas.*reference.*ring.*ulysses"),
+    ("unknown layout", dict(impl="ring", layout="sorted", mesh=MESH8), {}, r"layout='sorted'.*balanced.*natural"),
+    ("unknown option", dict(impl="blockwise", chunk=4), {}, r"chunk=4.*impl 'blockwise' accepts block_q"),
     ("unknown placement", dict(impl="ring", placement="spiral", mesh=MESH8), {}, r"placement='spiral'.*zigzag"),
     ("gqa ratio", dict(impl="blockwise"), dict(hkv=3), r"kv_heads=3.*multiple"),
     ("block does not divide", dict(impl="blockwise", block_q=24), {}, r"block_q=24.*divide.*64"),

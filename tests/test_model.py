@@ -415,12 +415,12 @@ def test_dynamic_rope_scales_for_the_static_length():
     (dict(n_kv_heads=3), r"n_kv_heads=3: must divide n_heads=4"),
     (dict(d_model=66), r"d_model=66: must be divisible by n_heads=4"),
     (dict(head_dim=15, d_model=60), r"head_dim=15: must be a positive even int"),
-    (dict(attention_impl="flash"), r"attention_impl='flash': must be one of reference, "
-                                   r"blockwise, ring, ulysses"),
+    (dict(attention_impl="flash"), r"attention_impl='flash': must be one of "
+                                   r"blockwise, pallas, reference, ring, ulysses"),
     (dict(remat="some"), r"remat='some': must be one of none, full, save_attention"),
     (dict(attention_options={"block_q": 0}), r"attention_options.block_q=0: must be a positive"),
     (dict(attention_impl="blockwise", attention_options={"placement": "zigzag"}),
-     r"attention_options.placement='zigzag': attention_impl='blockwise' accepts block_q"),
+     r"attention_options.placement='zigzag': impl 'blockwise' accepts block_q"),
     (dict(attention_impl="ring", attention_options={"layout": "diagonal"}),
      r"attention_options.layout='diagonal': must be one of balanced, natural"),
     (dict(ffn_chunk=0), r"ffn_chunk=0: must be None or a positive int"),
@@ -462,11 +462,11 @@ def test_yarn_falls_back_to_max_position_embeddings():
 @pytest.mark.parametrize("config_overrides, seq, mesh_shape, message", [
     (dict(attention_impl="ring"), 32, None, r"attention_impl='ring' needs a mesh with a "
                                              r"'sequence' axis"),
-    (dict(attention_impl="ring"), 40, (1, 1, 8, 1), r"seq_len=40: attention_impl='ring' with "
+    (dict(attention_impl="ring"), 40, (1, 1, 8, 1), r"seq_len=40: impl 'ring' with "
                                                      r"placement 'zigzag' over 8 'sequence' "
                                                      r"shards needs a multiple of 16"),
     (dict(attention_impl="ulysses", n_heads=8), 34, (1, 1, 4, 2),
-     r"seq_len=34: attention_impl='ulysses' over 4 'sequence' shards needs a multiple of 4"),
+     r"seq_len=34: impl 'ulysses' over 4 'sequence' shards needs a multiple of 4"),
     (dict(ffn_chunk=12), 32, None, r"ffn_chunk=12: must divide the sequence length 32"),
 ])
 def test_input_errors_before_compiling(config_overrides, seq, mesh_shape, message):

@@ -420,7 +420,7 @@ def test_model_config_accepts_and_checks_pallas_options():
     ]:
         with pytest.raises(ValueError, match=message):
             model.preset("tiny", attention_impl="ring", attention_options=options)
-    with pytest.raises(ValueError, match=r"attention_options.ring_inner='pallas': attention_impl='blockwise'"):
+    with pytest.raises(ValueError, match=r"attention_options.ring_inner='pallas': impl 'blockwise'"):
         model.preset("tiny", attention_impl="blockwise", attention_options={"ring_inner": "pallas"})
 
 

@@ -40,6 +40,9 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", DEFAULTS["max_tokens"],
                                    "Held-out tokens scored per length.")
 _BATCH = flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"],
                               "Perplexity windows per forward pass.")
+_KV_CACHE = flags.DEFINE_string("kv_cache", DEFAULTS["kv_cache"],
+                                "Retrieval tasks decode through this KV-cache policy spec, e.g. "
+                                "int8, snapkv:budget=1024 (python -m lctx.kvcache lists them).")
 _SEED = flags.DEFINE_integer("seed", DEFAULTS["seed"], "Keys, values and needle depths.")
 _CORPUS = flags.DEFINE_string("corpus_dir", None,
                               "With --model: a directory of text files for perplexity and "
@@ -103,7 +106,8 @@ def main(argv: list[str]) -> None:
     lengths, depths, scaling = _numbers(_LENGTHS, int), _numbers(_DEPTHS, float), _rope_scaling()
     tasks = tuple(_TASKS.value)
     options = dict(depths=depths, trials=_TRIALS.value, stride=_STRIDE.value,
-                   max_tokens=_MAX_TOKENS.value, batch_size=_BATCH.value, seed=_SEED.value)
+                   max_tokens=_MAX_TOKENS.value, batch_size=_BATCH.value, seed=_SEED.value,
+                   kv_cache=_KV_CACHE.value)
     problems = check_options(tasks, lengths, options)
     if problems:
         raise UsageError(*(f"--{p}" for p in problems))

@@ -31,14 +31,14 @@ from lctx.data.tokenizer import Tokenizer, make_tokenizer
 from lctx.eval import plots
 from lctx.eval.perplexity import perplexity_by_length
 from lctx.eval.tasks import TASKS, EvalContext, Task
-from lctx.infer import generate
+from lctx.infer import generate, kvcache
 from lctx.models import load, with_rope_scaling  # noqa: F401  (with_rope_scaling: re-export)
 
 DEFAULT_TASKS = ("ppl", "passkey", "needle")
 # The one set of defaults: python -m lctx.eval's flags and a run's config.eval read these.
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULTS = dict(stride=256, max_tokens=32768, batch_size=4, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                trials=4, seed=0, prompt_batch=8)
+                trials=4, seed=0, prompt_batch=8, kv_cache="full")
 
 
 def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping[str, Any]
@@ -60,20 +60,26 @@ def check_options(tasks: Sequence[str], lengths: Sequence[int], options: Mapping
         value = options.get(key, DEFAULTS[key])
         if not isinstance(value, int) or value < 1:
             problems.append(f"{key}={value!r}: expected an int >= 1")
+    spec = options.get("kv_cache", DEFAULTS["kv_cache"])
+    try:
+        kvcache.parse(spec)
+    except ValueError as err:
+        problems.append(str(err))
     depths = options.get("depths", DEFAULTS["depths"])
     if not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths):
         problems.append(f"depths={list(depths)}: expected values in [0, 1]")
     return problems
 
 
-def _continuations(model_config, params, tokenizer, prompts, max_new, batch):
-    """Greedy continuations (text) of prompt ids, batched by similar length."""
+def _continuations(model_config, params, tokenizer, prompts, max_new, batch, kv_cache):
+    """Greedy continuations (text) of prompt ids, batched by similar length, decoded
+    through a `kv_cache` (a lctx.infer.kvcache spec)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
         tokens = generate(model_config, params, [prompts[i] for i in rows],
-                          max_new_tokens=max_new, pad_id=tokenizer.pad_id)
+                          max_new_tokens=max_new, pad_id=tokenizer.pad_id, kv_cache=kv_cache)
         for i, ids in zip(rows, tokens):
             out[i] = tokenizer.decode(ids)
     return out
@@ -90,7 +96,9 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
 
     held_out: documents {text_key: text} for perplexity and as haystacks.
     options: stride, max_tokens, batch_size (perplexity); depths, trials, seed,
-    prompt_batch (retrieval); needle (a retrieval.Needle).
+    prompt_batch, kv_cache (retrieval: prompts are prefilled and answered through that
+    cache policy, e.g. "snapkv:budget=1024"); needle (a retrieval.Needle). Perplexity
+    is a full forward whatever kv_cache says.
     """
     problems = check_options(tasks, lengths, options)
     if problems:
@@ -115,7 +123,8 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
         tokenizer=tokenizer, held_out=held_out, text_key=text_key, lengths=lengths, depths=depths,
         options=o, perplexity=perplexity, advance=advance,
         continue_text=lambda prompts, max_new: _continuations(
-            model_config, params, tokenizer, prompts, max_new, o["prompt_batch"]))
+            model_config, params, tokenizer, prompts, max_new, o["prompt_batch"],
+            o["kv_cache"]))
     results: dict[str, Any] = {"lengths": list(lengths),
                                "training_lengths": sorted(set(training_lengths)),
                                "rope": model_config.rope.to_hf() if hasattr(model_config.rope, "to_hf")
@@ -189,7 +198,7 @@ def evaluate(workdir: str, step: int | None = None, tasks: Sequence[str] = DEFAU
     corpus = open_run_corpus(config, os.path.abspath(workdir))
     training = [config.stages[n].seq_len for n in config.stage_order]
     mesh = None
-    if model_config.attention_impl in ("ring", "ulysses"):
+    if model_config.sequence_parallel:
         mesh = parallel.make_mesh(**stage_mesh_shape(config, stage, jax.device_count()))
     out_dir = os.path.join(workdir, "eval")
     results = evaluate_model(model_config, params, model.tokenizer, corpus.splits["validation"],

@@ -17,26 +17,13 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lctx import compat
-from lctx.kernels.blockwise import blockwise_attention
-from lctx.kernels.pallas import PallasSeam, check_blocks, pallas_attention, resolve_kernel
-from lctx.kernels.layout import PLACEMENTS, placement_multiple, to_balanced, to_natural
-from lctx.kernels.reference import default_positions, reference_attention
-from lctx.kernels.ring import ring_attention, zigzag_to_balanced, zigzag_to_natural
-from lctx.kernels.ulysses import ulysses_attention, ulysses_heads_ok
+from lctx.kernels.pallas import check_blocks, resolve_kernel
+from lctx.kernels.layout import to_balanced, to_natural
+from lctx.kernels.reference import default_positions
+from lctx.kernels.registry import IMPLS, LAYOUTS, option_problems, sequence_problems
+from lctx.kernels.ring import zigzag_to_balanced, zigzag_to_natural
 
-IMPLS = ("reference", "blockwise", "ring", "ulysses", "pallas")
-RING_INNER = ("xla", "pallas")
-LAYOUTS = ("natural", "balanced")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Options each impl accepts through **impl_options.
-IMPL_OPTIONS = {
-    "reference": (),
-    "blockwise": ("block_q", "block_k"),
-    "ring": ("block_q", "block_k", "placement", "ring_inner", "kernel", "interpret"),
-    "ulysses": ("block_q", "block_k"),
-    "pallas": ("block_q", "block_k", "kernel", "interpret"),
-}
-SEQUENCE_PARALLEL = ("ring", "ulysses")
 
 
 class _Plan(NamedTuple):
@@ -51,7 +38,7 @@ class _Plan(NamedTuple):
     batch_axes: tuple[str, ...]
     head_axis: str | None
     layout: str
-    placement: str
+    placement: str | None
     block_q: int | None
     block_k: int | None
     return_lse: bool
@@ -59,9 +46,23 @@ class _Plan(NamedTuple):
     kernel: str | None = None  # the Pallas kernel ("tpu" | "gpu"), resolved
     interpret: bool = False
 
+    @property
+    def mask_options(self) -> dict:
+        return dict(causal=self.causal, sliding_window=self.sliding_window, scale=self.scale,
+                    return_lse=self.return_lse)
+
+    @property
+    def blocks(self) -> dict:
+        return dict(block_q=self.block_q, block_k=self.block_k)
+
 
 def _fail(name: str, value, allowed: str):
     raise ValueError(f"attention: {name}={value!r} is not allowed; {allowed}")
+
+
+def _fail_first(problems) -> None:
+    if problems:
+        _fail(*problems[0])
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -78,25 +79,8 @@ def _check_ids(name: str, ids, batch: int, seq: int):
         _fail(f"{name}.dtype", str(dtype), "expected an integer dtype (int32)")
 
 
-def _check_block(name: str, block, seq: int, where: str):
-    if block is None:
-        return
-    if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block <= 0:
-        _fail(name, block, "expected a positive int")
-    if seq % min(block, seq):
-        _fail(name, block, f"it must divide the {where} sequence length {seq}")
-
-
-def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scale, mesh,
-          seq_axis, batch_axes, head_axis, layout, return_lse, impl_options) -> _Plan:
-    """Validates every argument from shapes and dtypes alone; returns the static plan."""
-    if impl not in IMPLS:
-        _fail("impl", impl, f"expected one of {IMPLS}")
-    if layout not in LAYOUTS:
-        _fail("layout", layout, f"expected one of {LAYOUTS}")
-    unknown = sorted(set(impl_options) - set(IMPL_OPTIONS[impl]))
-    if unknown:
-        _fail("impl_options", unknown, f"impl={impl!r} accepts {list(IMPL_OPTIONS[impl])}")
+def _check_tensors(q, k, v, segment_ids, positions) -> None:
+    """q, k, v: rank, float dtype, matching shapes and a whole number of query groups."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             _fail(f"{name}.shape", getattr(x, "shape", None), "expected [batch, seq, heads, head_dim]")
@@ -108,72 +92,77 @@ def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scal
     if k.shape != v.shape or k.shape[:2] != (batch, seq) or k.shape[3] != head_dim:
         _fail("k.shape/v.shape", (k.shape, v.shape),
               f"expected both [batch={batch}, seq={seq}, kv_heads, head_dim={head_dim}]")
-    kv_heads = k.shape[2]
-    if heads % kv_heads:
-        _fail("kv_heads", kv_heads, f"q's heads ({heads}) must be a multiple of k/v's heads")
+    if heads % k.shape[2]:
+        _fail("kv_heads", k.shape[2], f"q's heads ({heads}) must be a multiple of k/v's heads")
     _check_ids("segment_ids", segment_ids, batch, seq)
     _check_ids("positions", positions, batch, seq)
+
+
+def _check_mask(sliding_window, scale) -> None:
     if sliding_window is not None and (not isinstance(sliding_window, (int, np.integer))
                                        or sliding_window <= 0):
         _fail("sliding_window", sliding_window, "expected None or a positive int")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         _fail("scale", scale, "expected None or a positive float")
-    placement = impl_options.get("placement", "zigzag" if causal else "contiguous")
-    ring_inner = impl_options.get("ring_inner", "xla")
-    if ring_inner not in RING_INNER:
-        _fail("ring_inner", ring_inner, f"expected one of {RING_INNER}")
-    interpret = impl_options.get("interpret", False)
-    kernel = None
-    if impl == "pallas" or ring_inner == "pallas":
-        kernel = resolve_kernel(impl_options.get("kernel"), interpret)
-    if placement not in PLACEMENTS:
-        _fail("placement", placement, f"expected one of {PLACEMENTS}")
 
-    seq_shards, present_batch, present_head = 1, (), None
-    if mesh is not None:
-        if not isinstance(mesh, Mesh):
-            _fail("mesh", type(mesh).__name__, "expected a jax.sharding.Mesh (lctx.parallel.make_mesh)")
-        present_batch = tuple(a for a in batch_axes if a in mesh.axis_names)
-        present_head = head_axis if head_axis in mesh.axis_names else None
-        if batch % _axis_size(mesh, present_batch):
-            _fail("batch", batch, f"it must be divisible by the mesh's batch axes {present_batch} "
-                  f"(size {_axis_size(mesh, present_batch)})")
-        tensor = mesh.shape[present_head] if present_head else 1
-        if heads % tensor or kv_heads % tensor:
-            _fail("heads/kv_heads", (heads, kv_heads),
-                  f"both must be divisible by the {head_axis!r} axis size {tensor}")
-    if impl in SEQUENCE_PARALLEL:
-        if mesh is None:
+
+def _mesh_axes(q, k, mesh, impl, seq_axis, batch_axes, head_axis):
+    """The mesh's batch axes and head axis present, its head-split size and sequence
+    shards, after checking that batch and heads divide them."""
+    if mesh is None:
+        if IMPLS[impl].sequence_parallel:
             _fail("mesh", None, f"impl={impl!r} needs a mesh with a {seq_axis!r} axis")
+        return (), None, 1, 1
+    if not isinstance(mesh, Mesh):
+        _fail("mesh", type(mesh).__name__, "expected a jax.sharding.Mesh (lctx.parallel.make_mesh)")
+    batch, heads, kv_heads = q.shape[0], q.shape[2], k.shape[2]
+    present_batch = tuple(a for a in batch_axes if a in mesh.axis_names)
+    present_head = head_axis if head_axis in mesh.axis_names else None
+    if batch % _axis_size(mesh, present_batch):
+        _fail("batch", batch, f"it must be divisible by the mesh's batch axes {present_batch} "
+              f"(size {_axis_size(mesh, present_batch)})")
+    tensor = mesh.shape[present_head] if present_head else 1
+    if heads % tensor or kv_heads % tensor:
+        _fail("heads/kv_heads", (heads, kv_heads),
+              f"both must be divisible by the {head_axis!r} axis size {tensor}")
+    shards = 1
+    if IMPLS[impl].sequence_parallel:
         if seq_axis not in mesh.axis_names:
             _fail("seq_axis", seq_axis, f"expected one of the mesh axes {mesh.axis_names}")
-        seq_shards = mesh.shape[seq_axis]
-        multiple = placement_multiple(placement, seq_shards) if (
-            impl == "ring" and layout == "natural") else seq_shards
-        if seq % multiple:
-            _fail("seq", seq, f"impl={impl!r} with layout={layout!r} and {seq_shards} "
-                  f"{seq_axis!r} shards needs a multiple of {multiple}")
-    local_seq = seq // seq_shards
-    if impl == "ulysses":
-        tensor = mesh.shape[present_head] if present_head else 1
-        if not ulysses_heads_ok(heads // tensor, kv_heads // tensor, seq_shards):
-            _fail("heads/kv_heads", (heads, kv_heads),
-                  f"ulysses over {seq_shards} shards needs heads divisible by {seq_shards} and "
-                  f"kv_heads either divisible by it or dividing it")
-        local_seq = seq  # each device attends over the whole sequence for its heads
-    _check_block("block_q", impl_options.get("block_q"), local_seq, "per-device")
-    _check_block("block_k", impl_options.get("block_k"), local_seq, "per-device")
-    if kernel is not None:
-        check_blocks(kernel, impl_options.get("block_q"), impl_options.get("block_k"),
-                     local_seq, heads // kv_heads, head_dim, q.dtype)
+        shards = mesh.shape[seq_axis]
+    return present_batch, present_head, tensor, shards
 
+
+def _plan(q, k, v, *, impl, causal, segment_ids, positions, sliding_window, scale, mesh,
+          seq_axis, batch_axes, head_axis, layout, return_lse, impl_options) -> _Plan:
+    """Validates every argument from shapes and dtypes alone; returns the static plan."""
+    _fail_first(option_problems(impl, impl_options))
+    if layout not in LAYOUTS:
+        _fail("layout", layout, f"expected one of {LAYOUTS}")
+    _check_tensors(q, k, v, segment_ids, positions)
+    _check_mask(sliding_window, scale)
+    entry = IMPLS[impl]
+    interpret = impl_options.get("interpret", False)
+    kernel = (resolve_kernel(impl_options.get("kernel"), interpret)
+              if entry.uses_pallas(impl_options) else None)
+    present_batch, present_head, tensor, shards = _mesh_axes(q, k, mesh, impl, seq_axis,
+                                                             batch_axes, head_axis)
+    batch, seq, heads, head_dim = q.shape
+    _fail_first(sequence_problems(impl, impl_options, seq=seq, shards=shards, causal=causal,
+                                  layout=layout, heads=heads // tensor,
+                                  kv_heads=k.shape[2] // tensor, axis=seq_axis))
+    if kernel is not None:
+        local_seq = seq if entry.whole_sequence else seq // shards
+        check_blocks(kernel, impl_options.get("block_q"), impl_options.get("block_k"),
+                     local_seq, heads // k.shape[2], head_dim, q.dtype)
     return _Plan(impl=impl, causal=bool(causal), sliding_window=sliding_window,
                  scale=float(head_dim**-0.5 if scale is None else scale), mesh=mesh,
-                 seq_axis=seq_axis if impl in SEQUENCE_PARALLEL else None,
+                 seq_axis=seq_axis if entry.sequence_parallel else None,
                  batch_axes=present_batch, head_axis=present_head, layout=layout,
-                 placement=placement, block_q=impl_options.get("block_q"),
-                 block_k=impl_options.get("block_k"), return_lse=bool(return_lse),
-                 ring_inner=ring_inner, kernel=kernel, interpret=bool(interpret))
+                 placement=entry.placement(impl_options, causal),
+                 block_q=impl_options.get("block_q"), block_k=impl_options.get("block_k"),
+                 return_lse=bool(return_lse), ring_inner=impl_options.get("ring_inner", "xla"),
+                 kernel=kernel, interpret=bool(interpret))
 
 
 def _specs(plan: _Plan):
@@ -181,28 +170,6 @@ def _specs(plan: _Plan):
     batch = plan.batch_axes or None
     seq = plan.seq_axis
     return P(batch, seq, plan.head_axis, None), P(batch, seq), P(batch, seq, plan.head_axis)
-
-
-def _local_attention(plan: _Plan):
-    """The per-device function for the plan's impl, `(q, k, v, pos, seg) -> out | (out, lse)`."""
-    options = dict(causal=plan.causal, sliding_window=plan.sliding_window, scale=plan.scale,
-                   return_lse=plan.return_lse)
-    blocks = dict(block_q=plan.block_q, block_k=plan.block_k)
-    if plan.impl == "reference":
-        return lambda q, k, v, pos, seg: reference_attention(
-            q, k, v, positions=pos, segment_ids=seg, **options)
-    if plan.impl == "blockwise":
-        return lambda q, k, v, pos, seg: blockwise_attention(
-            q, k, v, positions=pos, segment_ids=seg, **options, **blocks)
-    if plan.impl == "pallas":
-        return lambda q, k, v, pos, seg: pallas_attention(
-            q, k, v, positions=pos, segment_ids=seg, kernel=plan.kernel,
-            interpret=plan.interpret, **options, **blocks)
-    if plan.impl == "ring" and plan.ring_inner == "pallas":
-        blocks["seam"] = PallasSeam(plan.kernel, plan.interpret)
-    strategy = ring_attention if plan.impl == "ring" else ulysses_attention
-    return lambda q, k, v, pos, seg: strategy(
-        q, k, v, axis_name=plan.seq_axis, positions=pos, segment_ids=seg, **options, **blocks)
 
 
 def _zigzag_in_map(local, axis_name: str):
@@ -232,12 +199,12 @@ def _compute_mesh(mesh, arrays):
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _run(q, k, v, positions, segment_ids, *, plan: _Plan):
-    local = _local_attention(plan)
+    local = IMPLS[plan.impl].build(plan)
     if plan.mesh is None:
         return local(q, k, v, positions, segment_ids)
 
     x_spec, id_spec, lse_spec = _specs(plan)
-    permute = plan.impl == "ring" and plan.layout == "natural" and plan.placement != "contiguous"
+    permute = plan.placement not in (None, "contiguous") and plan.layout == "natural"
     # Zigzag is placed inside the map by ppermute (no sequence gather); striped by a gather.
     in_map = permute and plan.placement == "zigzag"
     if in_map:

@@ -28,6 +28,7 @@ from jax import lax
 
 from lctx.kernels.masking import block_ranges, blocks_may_interact, pair_mask
 from lctx.kernels.reference import default_positions
+from lctx.kernels.registry import AttentionImpl, register
 
 # Tiles of 512 x 512 keep each score tile (1 MiB fp32 per head) in cache on CPU
 # while amortising the per-iteration loop overhead; measured by lctx.bench.attention.
@@ -461,3 +462,9 @@ def blockwise_attention(q, k, v, *, causal=False, segment_ids=None, positions=No
                                MaskSpec(causal, sliding_window), scale, block_q, block_k)
     out = q_from_head_major(o_h)
     return (out, lse_from_head_major(lse_h)) if return_lse else out
+
+
+register(AttentionImpl(
+    "blockwise", options=("block_q", "block_k"),
+    build=lambda plan: lambda q, k, v, pos, seg: blockwise_attention(
+        q, k, v, positions=pos, segment_ids=seg, **plan.mask_options, **plan.blocks)))

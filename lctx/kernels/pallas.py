@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from lctx.kernels import blockwise as bw
 from lctx.kernels.blockwise import MaskSpec
 from lctx.kernels.reference import default_positions
+from lctx.kernels.registry import KERNELS, AttentionImpl, register
 
-KERNELS = ("tpu", "gpu")
 _BACKEND_KERNEL = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 
@@ -143,3 +143,11 @@ def pallas_attention(q, k, v, *, causal=False, segment_ids=None, positions=None,
                             MaskSpec(causal, sliding_window), scale, block_q, block_k)
     out = bw.q_from_head_major(o_h)
     return (out, bw.lse_from_head_major(lse_h)) if return_lse else out
+
+
+register(AttentionImpl(
+    "pallas", options=("block_q", "block_k", "kernel", "interpret"),
+    uses_pallas=lambda options: True,
+    build=lambda plan: lambda q, k, v, pos, seg: pallas_attention(
+        q, k, v, positions=pos, segment_ids=seg, kernel=plan.kernel, interpret=plan.interpret,
+        **plan.mask_options, **plan.blocks)))

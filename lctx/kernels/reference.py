@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lctx.kernels.masking import pair_mask
+from lctx.kernels.registry import AttentionImpl, register
 
 
 def default_positions(batch: int, seq: int) -> jax.Array:
@@ -67,3 +68,9 @@ def reference_attention(
         lse = jnp.moveaxis(lse.reshape(batch, heads, q_len), 1, 2)
         return out, lse
     return out
+
+
+register(AttentionImpl(
+    "reference",
+    build=lambda plan: lambda q, k, v, pos, seg: reference_attention(
+        q, k, v, positions=pos, segment_ids=seg, **plan.mask_options)))

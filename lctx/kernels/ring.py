@@ -21,6 +21,8 @@ from jax import lax
 
 from lctx.kernels import blockwise as bw
 from lctx.kernels.blockwise import MaskSpec
+from lctx.kernels.pallas import PallasSeam
+from lctx.kernels.registry import AttentionImpl, register
 
 
 # Default tiles of the XLA seam in a ring. All P devices' tiles run at once on the
@@ -215,3 +217,17 @@ def ring_tiles_computed(q, k, v, *, axis_name: str, causal=False, segment_ids=No
                                 axis_name=axis_name, mask=MaskSpec(causal, sliding_window),
                                 scale=scale, block_q=block_q, block_k=block_k)
     return count
+
+
+def _build_ring(plan):
+    """The per-device ring for a plan: blockwise tiles, or the Pallas seam (ring_inner)."""
+    seam = PallasSeam(plan.kernel, plan.interpret) if plan.ring_inner == "pallas" else bw
+    return lambda q, k, v, pos, seg: ring_attention(
+        q, k, v, axis_name=plan.seq_axis, positions=pos, segment_ids=seg, seam=seam,
+        **plan.mask_options, **plan.blocks)
+
+
+register(AttentionImpl(
+    "ring", build=_build_ring, sequence_parallel=True, model_options=("layout",),
+    options=("block_q", "block_k", "placement", "ring_inner", "kernel", "interpret"),
+    uses_pallas=lambda options: options.get("ring_inner") == "pallas"))

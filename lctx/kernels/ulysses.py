@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lctx.kernels.blockwise import blockwise_attention
+from lctx.kernels.registry import AttentionImpl, register
 
 
 def ulysses_heads_ok(heads: int, kv_heads: int, axis_size: int) -> bool:
@@ -59,3 +60,11 @@ def ulysses_attention(q, k, v, *, axis_name: str, causal=False, segment_ids=None
     out, lse = result
     lse = lax.all_to_all(lse, axis_name, split_axis=1, concat_axis=2, tiled=True)
     return _heads_to_seq(out, axis_name), lse
+
+
+register(AttentionImpl(
+    "ulysses", options=("block_q", "block_k"), sequence_parallel=True, whole_sequence=True,
+    heads_ok=ulysses_heads_ok,
+    build=lambda plan: lambda q, k, v, pos, seg: ulysses_attention(
+        q, k, v, axis_name=plan.seq_axis, positions=pos, segment_ids=seg,
+        **plan.mask_options, **plan.blocks)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from lctx import compat, kernels, parallel
-from lctx.kernels.layout import placement_multiple
+from lctx.kernels.registry import IMPLS, sequence_problems
 from lctx.model.config import ModelConfig
 from lctx.model.loss import chunked_cross_entropy, default_chunk
 from lctx.model.transformer import Llama, head_logits, length_shards
@@ -115,19 +115,15 @@ def _check_inputs(config: ModelConfig, tokens: jax.Array, mesh: Mesh | None,
             problems.append(f"ffn_chunk={chunk}: must divide the sequence length {seq} and be "
                             f"a multiple of the {shards} sequence shards")
         impl = config.attention_impl
-        if impl in ("ring", "ulysses"):
-            if mesh is None or "sequence" not in mesh.shape:
-                problems.append(f"mesh={mesh}: attention_impl={impl!r} needs a mesh with a "
-                                "'sequence' axis (lctx.parallel.make_mesh)")
-            else:
-                shards = mesh.shape["sequence"]
-                placement, _ = _ring_layout(config)
-                multiple = placement_multiple(placement, shards) if impl == "ring" else shards
-                if seq % multiple:
-                    problems.append(
-                        f"seq_len={seq}: attention_impl={impl!r} "
-                        f"{f'with placement {placement!r} ' if impl == 'ring' else ''}over "
-                        f"{shards} 'sequence' shards needs a multiple of {multiple}")
+        if IMPLS[impl].sequence_parallel and (mesh is None or "sequence" not in mesh.shape):
+            problems.append(f"mesh={mesh}: attention_impl={impl!r} needs a mesh with a "
+                            "'sequence' axis (lctx.parallel.make_mesh)")
+        elif IMPLS[impl].sequence_parallel:
+            # Natural: the model's tokens still need placing, once (layout "balanced")
+            # or by every attention call (layout "natural"); either needs the same multiple.
+            found = sequence_problems(impl, config.attention_options, seq=seq,
+                                      shards=mesh.shape["sequence"])
+            problems += [f"seq_len={value}: {allowed}" for _, value, allowed in found[:1]]
     if problems:
         raise ValueError("invalid model inputs:\n  " + "\n  ".join(problems))
 

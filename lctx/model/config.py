@@ -14,17 +14,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from lctx.kernels.api import IMPL_OPTIONS, IMPLS, RING_INNER
-from lctx.kernels.pallas import KERNELS
+from lctx.kernels.registry import IMPLS, option_problems
 from lctx.model.rope import RopeConfig, inverse_frequencies
 
 REMAT_POLICIES = ("none", "full", "save_attention")
 DTYPES = ("float32", "bfloat16", "float16")
-LAYOUTS = ("balanced", "natural")
-# Model-level attention options, on top of what each kernel impl accepts:
-# `layout` chooses whether the model permutes tokens once for the ring ("balanced")
-# or lets every attention call place them itself ("natural").
-MODEL_ATTENTION_OPTIONS = {"ring": ("layout",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,30 +116,19 @@ class ModelConfig:
         out += self._rope_problems()
         return out
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether attention splits the sequence over a mesh's 'sequence' axis."""
+        return IMPLS[self.attention_impl].sequence_parallel
+
     def _attention_problems(self) -> list[str]:
+        """attention_impl and attention_options, checked by the kernels' registry (the
+        model adds `layout` for the ring: "balanced" permutes tokens once, "natural"
+        lets every attention call place them)."""
         impl = self.attention_impl
-        if impl not in IMPLS:
-            return [f"attention_impl={impl!r}: must be one of {', '.join(IMPLS)}"]
-        allowed = IMPL_OPTIONS[impl] + MODEL_ATTENTION_OPTIONS.get(impl, ())
-        out = []
-        for key, value in self.attention_options.items():
-            if key not in allowed:
-                out.append(f"attention_options.{key}={value!r}: attention_impl={impl!r} "
-                           f"accepts {', '.join(allowed) or 'no options'}")
-            elif key in ("block_q", "block_k") and not _positive_int(value):
-                out.append(f"attention_options.{key}={value!r}: must be a positive int")
-            elif key == "layout" and value not in LAYOUTS:
-                out.append(f"attention_options.layout={value!r}: must be one of "
-                           f"{', '.join(LAYOUTS)}")
-            elif key == "ring_inner" and value not in RING_INNER:
-                out.append(f"attention_options.ring_inner={value!r}: must be one of "
-                           f"{', '.join(RING_INNER)}")
-            elif key == "kernel" and value not in (None, *KERNELS):
-                out.append(f"attention_options.kernel={value!r}: must be None (the backend "
-                           f"decides) or one of {', '.join(KERNELS)}")
-            elif key == "interpret" and not isinstance(value, bool):
-                out.append(f"attention_options.interpret={value!r}: must be a bool")
-        return out
+        found = option_problems(impl, dict(self.attention_options), model=True)
+        return [f"attention_impl={value!r}: {allowed}" if key == "impl" else
+                f"attention_options.{key}={value!r}: {allowed}" for key, value, allowed in found]
 
     def _rope_problems(self) -> list[str]:
         if not isinstance(self.rope, RopeConfig):

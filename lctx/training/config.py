@@ -22,7 +22,7 @@ from lctx.eval.api import DEFAULT_LENGTHS, DEFAULTS as EVAL_DEFAULTS, check_opti
 from lctx.convert.run import stage_mesh_shape as mesh_shape
 from lctx.convert.run import as_dict, stage_model_config as model_config
 from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from lctx.kernels.layout import placement_multiple
+from lctx.kernels.registry import IMPLS, sequence_problems
 from lctx.kernels.pallas import resolve_kernel
 from lctx.training.optim import SCHEDULES
 
@@ -239,29 +239,19 @@ def _stage_problems(config: ConfigDict, name: str, num_devices: int) -> list[str
     if batch % (data_parallel * s.grad_accum_steps):
         problems.append(f"{key}.batch_size={batch}: must be divisible by data x fsdp ({data_parallel}) "
                         f"x grad_accum_steps ({s.grad_accum_steps})")
-    shards = sizes["sequence"]
-    local = seq_len
-    if mc.attention_impl == "ring":
-        placement = mc.attention_options.get("placement", "zigzag")
-        multiple = placement_multiple(placement, shards)
-        if seq_len % multiple:
-            problems.append(f"{key}.seq_len={seq_len}: ring attention over {shards} sequence shards "
-                            f"({placement}) needs a multiple of {multiple}")
-            return problems
-        local = seq_len // shards
-    elif mc.attention_impl == "ulysses" and seq_len % shards:
-        problems.append(f"{key}.seq_len={seq_len}: ulysses over {shards} shards needs a multiple of {shards}")
-    if mc.attention_impl == "pallas" or mc.attention_options.get("ring_inner") == "pallas":
+    options = dict(mc.attention_options)
+    impl = IMPLS[mc.attention_impl]
+    if "block_q" in impl.options:  # the blocks the kernels default to must divide too
+        options = {"block_q": DEFAULT_BLOCK_Q, "block_k": DEFAULT_BLOCK_K, **options}
+    for opt, value, allowed in sequence_problems(mc.attention_impl, options, seq=seq_len,
+                                                 shards=sizes["sequence"]):
+        what = "" if opt == "seq" else f"model.attention_options.{opt}={value} "
+        problems.append(f"{key}.seq_len={seq_len}: {what}{allowed}")
+    if impl.uses_pallas(mc.attention_options):
         try:
             resolve_kernel(mc.attention_options.get("kernel"), mc.attention_options.get("interpret", False))
         except ValueError as err:
             problems.append(f"{key} model: {err}")
-    if mc.attention_impl in ("blockwise", "ring", "ulysses", "pallas"):
-        for opt, default in (("block_q", DEFAULT_BLOCK_Q), ("block_k", DEFAULT_BLOCK_K)):
-            block = min(mc.attention_options.get(opt, default), local)
-            if local % block:
-                problems.append(f"{key}.seq_len={seq_len}: model.attention_options.{opt}={block} must "
-                                f"divide the per-device sequence length {local}")
     if mc.ffn_chunk and seq_len % mc.ffn_chunk:
         problems.append(f"{key}.seq_len={seq_len}: model.ffn_chunk={mc.ffn_chunk} must divide it")
     return problems

@@ -408,7 +408,7 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
         out_dir=os.path.join(cfg.workdir(config), "eval") if jax.process_index() == 0 else None,
         training_lengths=[config.stages[n].seq_len for n in config.stage_order],
         label=config.name, progress=jax.process_index() == 0,
-        mesh=mesh if model_config.attention_impl in ("ring", "ulysses") else None,
+        mesh=mesh if model_config.sequence_parallel else None,
         stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
         depths=tuple(e.depths), trials=e.trials, seed=e.seed)
     summary: dict[str, Any] = {"lengths": results.get("ppl", {})}
