@@ -86,7 +86,7 @@ def init(config: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -> Pa
 def _ring_layout(config: ModelConfig) -> tuple[str, bool]:
     """(placement, whether the model permutes tokens once) for the configured attention."""
     options = config.attention_options
-    placement = options.get("placement", "zigzag")  # causal: zigzag balances the ring
+    placement = IMPLS["ring"].placement(options, causal=True)  # the kernels' default
     permute = config.attention_impl == "ring" and options.get("layout", "balanced") == "balanced"
     return placement, permute
 
