@@ -1,0 +1,69 @@
+"""The beacon study's table (printed, written to table.md) and PNGs, from cells/ and
+train_log.jsonl.
+
+    python experiments/beacons/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, TRAIN_LOG  # noqa: E402
+
+
+def read_cells() -> dict[tuple[str, int], dict]:
+    cells = {}
+    for path in sorted(CELLS.glob("*.json")):
+        record = json.loads(path.read_text())
+        cells[(record["setting"], record["length"])] = record
+    return cells
+
+
+def table(cells: dict) -> str:
+    head = ["setting"] + [f"ppl {n // 1024}K" for n in EVAL_LENGTHS] + \
+           [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = ["full"] + [name for r in EVAL_RATIOS for name in
+                        (f"beacon{r}", f"beacon{r}_untrained", f"sink_window{r}", f"snapkv{r}")]
+    for key in names:
+        records = [cells.get((key, n)) for n in EVAL_LENGTHS]
+        ppl = ["—" if r is None else f"{r['result']['ppl']:.3f}" for r in records]
+        mib = ["—" if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in records]
+        lines.append("| " + " | ".join([key] + ppl + mib) + " |")
+    return "\n".join(lines)
+
+
+def plot_training(path: Path) -> None:
+    if not TRAIN_LOG.exists():
+        return
+    log = [json.loads(line) for line in TRAIN_LOG.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for ratio in sorted({r["ratio"] for r in log}):
+        points = [(r["step"], r["loss"]) for r in log if r["ratio"] == ratio]
+        ax.plot(*zip(*points), marker=".", linestyle="", label=f"ratio {ratio}")
+    ax.set(xlabel="step", ylabel="next-token loss (nats)",
+           title="Beacon module training, SmolLM2-135M frozen")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    cells = read_cells()
+    text = table(cells)
+    (HERE / "table.md").write_text(text + "\n")
+    print(text)
+    plot_training(HERE / "training.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Activation beacons (Zhang et al., arXiv 2401.03462) around an lctx LLaMA model.
+
+    beacon = init_beacon(config, params)                        # the trainable part
+    hidden = beacon_hidden(config, params, beacon, tokens, chunk=1024, ratio=8)
+    loss = beacon_loss(config, params, beacon, tokens, chunk=1024, ratio=8)
+
+The input runs chunk by chunk (`chunk` raw tokens per step). Each chunk's raw tokens
+are split into units of `ratio` and one beacon token (a learned embedding) follows
+each unit, so a step sees the chunk interleaved as [u_1, b_1, u_2, b_2, ...]
+(chunk + chunk / ratio tokens). Who attends to whom (`chunk_mask`):
+
+    raw token    causally to the chunk's raw tokens, and to every past chunk's beacons
+    beacon b_u   to its unit's raw tokens, to b_1 .. b_u of its chunk, and to past beacons
+
+After a step only its beacons' keys and values (every layer) are kept: the next chunk
+reads the past as chunk / ratio beacons per chunk instead of `chunk` tokens, so the
+KV memory is cut by `ratio`. ratio=None turns the beacon path off (no beacons: raw
+tokens attend causally within their chunk only; with one chunk that is the base model).
+
+Parameters: the base model's stay frozen (`stop_gradient`: gradients reach only the
+beacon module). The module is a beacon embedding `[D]` and, per layer, its own
+q/k/v/o projections, initialised from the layer's, which beacon tokens use in place
+of the base attention weights (the paper's separate beacon attention); norms and the
+MLP are shared.
+
+Positions (RoPE), the paper's choice of numbering within the window a step sees: the m
+past beacons at positions 0 .. m-1, the chunk's interleaved tokens right after (m,
+m+1, ...). Past beacons' keys are stored before RoPE and rotated again at each step,
+so no query-key distance exceeds m + chunk + chunk / ratio, however long the input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lctx.model.api import logits_of
+from lctx.model.config import ModelConfig
+from lctx.model.rope import apply_rotary, inverse_frequencies, rope_cos_sin
+from lctx.model.transformer import mlp_sublayer, rms_norm
+
+Params = dict[str, Any]
+
+
+def chunk_layout(chunk: int, ratio: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The interleaved order of one step: is_beacon bool `[n]` and unit int `[n]`
+    (n = chunk + chunk // ratio; ratio None: n = chunk, no beacons)."""
+    if ratio is None:
+        return np.zeros(chunk, bool), np.arange(chunk) // 1
+    if ratio < 1 or chunk % ratio:
+        raise ValueError(f"ratio={ratio}: must be a positive divisor of chunk={chunk}")
+    t = np.arange(chunk + chunk // ratio)
+    return t % (ratio + 1) == ratio, t // (ratio + 1)
+
+
+def chunk_mask(is_beacon: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """bool `[n, n]`: which of the step's tokens (keys, columns) each (query, row) sees."""
+    i, j = np.arange(len(unit))[:, None], np.arange(len(unit))[None, :]
+    raw_q, raw_k = ~is_beacon[:, None], ~is_beacon[None, :]
+    raw_sees = raw_q & raw_k & (j <= i)
+    beacon_sees = ~raw_q & ((raw_k & (unit[None, :] == unit[:, None])) | (~raw_k & (j <= i)))
+    return raw_sees | beacon_sees
+
+
+def init_beacon(config: ModelConfig, params: Params) -> Params:
+    """The beacon module: embedding `[D]` (the mean token embedding) and per-layer
+    attention kernels copied from the base model's (`[L, ...]` like params['layers'])."""
+    attn = params["layers"]["attn"]
+    return {"embedding": jnp.mean(params["embed"]["embedding"].astype(jnp.float32), axis=0),
+            "attn": jax.tree.map(jnp.array, attn)}
+
+
+def beacon_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array,
+                     past_v: jax.Array, past_count: jax.Array, mask: jax.Array) -> jax.Array:
+    """Dense float32 attention of a step's queries over past beacons and the step.
+
+    q `[b, n, H, hd]`; k, v `[b, n, Hkv, hd]` (rotated); past_k, past_v `[b, M, Hkv, hd]`
+    (rotated), of which the first `past_count` are real; mask bool `[n, n]` within the
+    step. Every query sees itself, so no row is empty. Returns `[b, n, H, hd]`.
+    """
+    b, n, heads, hd = q.shape
+    kv_heads, m = k.shape[2], past_k.shape[1]
+    keys = jnp.concatenate([past_k, k], axis=1).astype(jnp.float32)
+    values = jnp.concatenate([past_v, v], axis=1).astype(jnp.float32)
+    past_visible = jnp.broadcast_to(jnp.arange(m) < past_count, (n, m))
+    visible = jnp.concatenate([past_visible, mask], axis=1)
+    qg = q.astype(jnp.float32).reshape(b, n, kv_heads, heads // kv_heads, hd)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys) * hd**-0.5
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values)
+    return out.reshape(b, n, heads, hd).astype(q.dtype)
+
+
+def _project(h: jax.Array, base: Params, beacon: Params, is_beacon: jax.Array, name: str):
+    """rms-normed h `[b, n, D]` through the base or the beacon kernel, per token."""
+    base_out = jnp.einsum("bsd,dhk->bshk", h, base[name]["kernel"])
+    beacon_out = jnp.einsum("bsd,dhk->bshk", h, beacon[name]["kernel"].astype(h.dtype))
+    return jnp.where(is_beacon[None, :, None, None], beacon_out, base_out)
+
+
+def beacon_hidden(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
+                  chunk: int, ratio: int | None) -> jax.Array:
+    """Final-normed hidden states `[b, N, D]` of raw tokens int `[b, N]` (N a multiple
+    of `chunk`), read chunk by chunk through the beacons (see the module docstring)."""
+    batch, total = tokens.shape
+    if total % chunk:
+        raise ValueError(f"tokens: length {total} must be a multiple of chunk={chunk}")
+    cfg = config.replace(ffn_chunk=None)
+    base = jax.lax.stop_gradient(params)
+    is_beacon_np, unit = chunk_layout(chunk, ratio)
+    is_beacon = jnp.asarray(is_beacon_np)
+    raw_slots = jnp.asarray(np.flatnonzero(~is_beacon_np))
+    beacon_slots = jnp.asarray(np.flatnonzero(is_beacon_np))
+    n, units, steps = len(unit), len(beacon_slots), total // chunk
+    mask = jnp.asarray(chunk_mask(is_beacon_np, unit))
+    past_slots = max(1, steps * units)  # one spare slot keeps shapes non-empty when off
+    layers, kv_heads, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    inv_freq, factor = inverse_frequencies(cfg.rope, hd, past_slots + n)
+    table = base["embed"]["embedding"]
+    beacon_x = beacon["embedding"].astype(cfg.compute_dtype)
+    past_cos, past_sin = rope_cos_sin(jnp.arange(past_slots)[None], inv_freq, factor)
+
+    def layer(x, weights):
+        w, bw, past_k, past_v, cos, sin, count = weights
+        h = rms_norm(x, w["attn_norm"]["scale"], cfg.norm_eps).astype(cfg.compute_dtype)
+        q = apply_rotary(_project(h, w["attn"], bw, is_beacon, "q"), cos, sin)
+        k = _project(h, w["attn"], bw, is_beacon, "k")
+        v = _project(h, w["attn"], bw, is_beacon, "v")
+        out = beacon_attention(q, apply_rotary(k, cos, sin), v,
+                               apply_rotary(past_k, past_cos, past_sin), past_v, count, mask)
+        o = jnp.where(is_beacon[None, :, None],
+                      jnp.einsum("bshk,hkd->bsd", out, bw["o"]["kernel"].astype(out.dtype)),
+                      jnp.einsum("bshk,hkd->bsd", out, w["attn"]["o"]["kernel"]))
+        x = mlp_sublayer(x + o, w["mlp_norm"]["scale"], w["mlp"], cfg=cfg, mesh=None)
+        return x, (k[:, beacon_slots], v[:, beacon_slots])  # the beacons' keys before RoPE
+
+    layer = jax.checkpoint(layer, prevent_cse=False)  # keep one layer's probabilities at a time
+    mlp = lambda w: {name: w["mlp"][name]["kernel"] for name in ("gate", "up", "down")}
+
+    def step(carry, ids):
+        past_k, past_v, count = carry
+        x = jnp.zeros((batch, n, cfg.d_model), cfg.compute_dtype)
+        x = x.at[:, raw_slots].set(jnp.take(table, ids, axis=0).astype(cfg.compute_dtype))
+        x = x.at[:, beacon_slots].set(beacon_x)
+        cos, sin = rope_cos_sin((count + jnp.arange(n))[None], inv_freq, factor)
+        per_layer = ({**base["layers"], "mlp": mlp(base["layers"])}, beacon["attn"], past_k, past_v)
+        broadcast = lambda a: jnp.broadcast_to(a, (layers, *a.shape))
+        x, (new_k, new_v) = jax.lax.scan(
+            layer, x, (*per_layer, broadcast(cos), broadcast(sin), broadcast(count)))
+        if units:
+            past_k = jax.lax.dynamic_update_slice_in_dim(past_k, new_k, count, axis=2)
+            past_v = jax.lax.dynamic_update_slice_in_dim(past_v, new_v, count, axis=2)
+        hidden = rms_norm(x[:, raw_slots], base["final_norm"]["scale"], cfg.norm_eps)
+        return (past_k, past_v, count + units), hidden.astype(cfg.compute_dtype)
+
+    empty = jnp.zeros((layers, batch, past_slots, kv_heads, hd), cfg.compute_dtype)
+    ids = jnp.swapaxes(tokens.reshape(batch, steps, chunk), 0, 1)
+    _, hidden = jax.lax.scan(step, (empty, empty, jnp.int32(0)), ids)
+    return jnp.swapaxes(hidden, 0, 1).reshape(batch, total, cfg.d_model)
+
+
+def beacon_logits(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
+                  chunk: int, ratio: int | None) -> jax.Array:
+    """float32 logits `[b, N, V]` of the raw tokens read through the beacons."""
+    hidden = beacon_hidden(config, params, beacon, tokens, chunk=chunk, ratio=ratio)
+    return logits_of(config, jax.lax.stop_gradient(params), hidden)
+
+
+def beacon_nll(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
+               chunk: int, ratio: int | None) -> jax.Array:
+    """float32 `[b, N - 1]`: -log p(token t+1 | tokens <= t, read through the beacons)."""
+    logits = beacon_logits(config, params, beacon, tokens, chunk=chunk, ratio=ratio)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def beacon_loss(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
+                chunk: int, ratio: int | None) -> jax.Array:
+    """Mean next-token loss; its gradient reaches only `beacon`."""
+    return jnp.mean(beacon_nll(config, params, beacon, tokens, chunk=chunk, ratio=ratio))

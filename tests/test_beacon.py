@@ -1,0 +1,115 @@
+"""Activation beacons (lctx.model.beacon) against references built from the rule itself."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lctx import model
+from lctx.model import beacon as bc
+
+
+def rule_mask(chunk: int, ratio: int) -> tuple[np.ndarray, np.ndarray]:
+    """The step's order and visibility written out token by token from the rule:
+    units of `ratio` raw tokens, each followed by its beacon; a raw token sees the raw
+    tokens before it (and itself), a beacon its unit's raw tokens and the beacons up to it."""
+    kinds = []  # (is_beacon, unit)
+    for u in range(chunk // ratio):
+        kinds += [(False, u)] * ratio + [(True, u)]
+    n = len(kinds)
+    mask = np.zeros((n, n), bool)
+    for i, (qb, qu) in enumerate(kinds):
+        for j, (kb, ku) in enumerate(kinds):
+            if not qb:
+                mask[i, j] = (not kb) and j <= i
+            else:
+                mask[i, j] = (not kb and ku == qu) or (kb and j <= i)
+    return np.array([b for b, _ in kinds]), mask
+
+
+@pytest.mark.parametrize("chunk,ratio", [(8, 2), (12, 4), (8, 8), (6, 1)])
+def test_chunk_mask_follows_the_rule(chunk, ratio):
+    is_beacon, unit = bc.chunk_layout(chunk, ratio)
+    expected_beacon, expected = rule_mask(chunk, ratio)
+    np.testing.assert_array_equal(is_beacon, expected_beacon)
+    np.testing.assert_array_equal(bc.chunk_mask(is_beacon, unit), expected)
+
+
+def test_beacon_attention_matches_float64_softmax():
+    rng = np.random.default_rng(0)
+    chunk, ratio, b, heads, kv_heads, hd, past, count = 8, 2, 2, 4, 2, 8, 6, 4
+    is_beacon, mask = rule_mask(chunk, ratio)
+    n = len(is_beacon)
+    q = rng.standard_normal((b, n, heads, hd))
+    k, v = (rng.standard_normal((b, n, kv_heads, hd)) for _ in range(2))
+    pk, pv = (rng.standard_normal((b, past, kv_heads, hd)) for _ in range(2))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    out = bc.beacon_attention(f32(q), f32(k), f32(v), f32(pk), f32(pv), jnp.int32(count),
+                              jnp.asarray(mask))
+    keys, values = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+    visible = np.concatenate([np.broadcast_to(np.arange(past) < count, (n, past)), mask], 1)
+    expected = np.zeros_like(q)
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        logits = np.einsum("bqd,bkd->bqk", q[:, :, h], keys[:, :, g]) / np.sqrt(hd)
+        logits = np.where(visible, logits, -np.inf)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        expected[:, :, h] = np.einsum("bqk,bkd->bqd", w / w.sum(-1, keepdims=True), values[:, :, g])
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = model.preset("tiny")
+    params = model.init(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, config.vocab_size)
+    return config, params, tokens
+
+
+def test_beacon_path_off_in_one_chunk_is_the_base_model(tiny):
+    config, params, tokens = tiny
+    beacon = bc.init_beacon(config, params)
+    got = bc.beacon_logits(config, params, beacon, tokens, chunk=32, ratio=None)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(model.forward(config, params, tokens)),
+                               atol=1e-5)
+
+
+def test_beacon_path_off_forgets_past_chunks_and_restarts_positions(tiny):
+    """Without beacons nothing of a past chunk is kept: the second chunk reads as if alone,
+    from position 0 (positions are numbered within the window)."""
+    config, params, tokens = tiny
+    beacon = bc.init_beacon(config, params)
+    got = bc.beacon_logits(config, params, beacon, tokens, chunk=16, ratio=None)
+    alone = model.forward(config, params, tokens[:, 16:])
+    np.testing.assert_allclose(np.asarray(got[:, 16:]), np.asarray(alone), atol=1e-5)
+
+
+def test_second_chunk_reads_the_first_through_its_beacons_only(tiny):
+    """Chunk 1 reaches chunk 2 only through its beacons: a change to one of its raw
+    tokens moves chunk 2's logits (with ratio None it cannot, see above) and leaves the
+    tokens before the change alone."""
+    config, params, tokens = tiny
+    beacon = bc.init_beacon(config, params)
+    base = bc.beacon_logits(config, params, beacon, tokens, chunk=16, ratio=4)
+    changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % config.vocab_size)
+    other = bc.beacon_logits(config, params, beacon, changed, chunk=16, ratio=4)
+    assert float(jnp.max(jnp.abs(base[:, 16:] - other[:, 16:]))) > 1e-4
+    np.testing.assert_allclose(np.asarray(base[:, :3]), np.asarray(other[:, :3]), atol=1e-6)
+
+
+def test_gradients_reach_only_the_beacon_module(tiny):
+    config, params, tokens = tiny
+    beacon = bc.init_beacon(config, params)
+    grads = jax.grad(lambda p, b: bc.beacon_loss(config, p, b, tokens, chunk=16, ratio=4),
+                     argnums=(0, 1))(params, beacon)
+    base_norm = sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads[0]))
+    assert base_norm == 0.0
+    for path, g in jax.tree_util.tree_leaves_with_path(grads[1]):
+        assert np.isfinite(np.asarray(g)).all() and float(jnp.max(jnp.abs(g))) > 0, path
+
+
+def test_bad_ratio_is_one_line():
+    with pytest.raises(ValueError, match=r"ratio=3: must be a positive divisor of chunk=16"):
+        bc.chunk_layout(16, 3)
