@@ -238,6 +238,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 BAD_CONFIGS = [
     ("stages.pretrain.steps", 0, r"stages.pretrain.steps=0: expected a positive int"),
     ("stages.extend.batch_size", -8, r"stages.extend.batch_size=-8: expected a positive int"),
+    ("model.n_layers", 0, r"model.n_layers=0: must be a positive int"),
     ("stages.pretrain.seq_len", 60, r"stages.pretrain.seq_len=60: model.attention_options.block_q=32"),
     ("mesh.data", 3, r"mesh=.*product of the axis sizes must equal the 8 devices"),
     ("stages.pretrain.batch_size", 12, r"batch_size=12: must be divisible by data x fsdp \(8\)"),

@@ -50,6 +50,12 @@ def base_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.ffn_chunk = ml_collections.config_dict.placeholder(int)  # blockwise feed-forward chunk
     c.model.max_position_embeddings = ml_collections.config_dict.placeholder(int)
+    # The preset's shape, unless set (None keeps the preset's value).
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim",
+                  "head_dim", "sliding_window"):
+        c.model[field] = ml_collections.config_dict.placeholder(int)
+    c.model.norm_eps = ml_collections.config_dict.placeholder(float)
+    c.model.tie_embeddings = ml_collections.config_dict.placeholder(bool)
 
     # Mesh sizes over (data, fsdp, sequence, tensor); -1 takes the remaining devices.
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
