@@ -17,6 +17,7 @@ A bad flag, source, spec or prompt is one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -76,6 +77,10 @@ def stream_tokens(config: ModelConfig, params: Any, prompt: Sequence[int] | np.n
                          f"{slots} slots for a {len(prompt)}-token prompt (padded to "
                          f"{tokens.shape[1]}) plus {max_new_tokens} new tokens ({why}); give a "
                          "shorter prompt, fewer new tokens or an evicting policy")
+    if policy.own_path:  # beacon: the prompt is read through the policy's own path
+        steps = policy.stream(config, params, np.asarray(prompt), max_new_tokens=max_new_tokens,
+                              temperature=float(temperature), rng=rng)
+        return itertools.takewhile(lambda token: token != eos_id, (t for t, _ in steps))
     cache = new_cache(config, policy, batch=1, tokens=total, chunk=cache_chunk)
     check_capacity(cache, total, chunk)
     rope_seq_len = rope_length(len(prompt), max_new_tokens)

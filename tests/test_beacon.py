@@ -113,3 +113,63 @@ def test_gradients_reach_only_the_beacon_module(tiny):
 def test_bad_ratio_is_one_line():
     with pytest.raises(ValueError, match=r"ratio=3: must be a positive divisor of chunk=16"):
         bc.chunk_layout(16, 3)
+
+
+def _perturbed(config, params):
+    """A beacon module unlike the base weights, so using the wrong ones shows."""
+    beacon = bc.init_beacon(config, params)
+    keys = iter(jax.random.split(jax.random.key(7), 16))
+    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), beacon)
+
+
+@pytest.mark.parametrize("prompt_len", [21, 16])
+def test_generation_through_beacons_equals_the_one_pass_forward(tiny, prompt_len, tmp_path):
+    """Reading token by token, compressing each chunk as it fills (kv_cache="beacon:...",
+    lctx.infer.beacon), gives the logits of the interleaved one-pass forward (the
+    training path) at every step; the module comes from its file."""
+    import flax.serialization
+
+    from lctx.infer import generate
+
+    config, params, tokens = tiny
+    beacon = _perturbed(config, params)
+    path = tmp_path / "beacon.msgpack"
+    path.write_bytes(flax.serialization.to_bytes(beacon))
+    prompt, new, chunk, ratio = np.asarray(tokens[0, :prompt_len]), 12, 8, 2
+    out, logits = generate(config, params, [prompt], max_new_tokens=new, return_logits=True,
+                           kv_cache=f"beacon:ratio={ratio},chunk={chunk},params={path}")
+    seq = np.concatenate([prompt, out[0]])
+    padded = np.pad(seq, (0, -len(seq) % chunk))  # later tokens never reach earlier ones
+    ref = np.asarray(bc.beacon_logits(config, params, beacon, jnp.asarray(padded[None]),
+                                      chunk=chunk, ratio=ratio)[0, prompt_len - 1:][:new])
+    np.testing.assert_allclose(logits[0], ref, atol=1e-4)
+    np.testing.assert_array_equal(out[0], np.argmax(ref, -1))
+
+
+def test_beacon_cache_bytes_match_the_calculator(tiny):
+    """The state a generation holds is what `python -m lctx.kvcache memory
+    --kv_cache=beacon:...` predicts: past beacons plus one open chunk, per layer."""
+    from lctx.infer.beacon import BeaconState
+    from lctx.infer.kvcache import parse
+
+    config = tiny[0]
+    for tokens in (8, 40, 100):
+        policy = parse("beacon:ratio=4,chunk=16")
+        state = BeaconState.create(config, tokens=tokens, chunk=16, ratio=4)
+        predicted = config.n_layers * policy.nbytes(1, config.n_kv_heads, config.head_dim,
+                                                    tokens, 2048, 4)
+        assert state.nbytes() == predicted
+        # past beacons: 4 per full chunk (at least one slot), plus the 16-token chunk
+        assert predicted == config.n_layers * 2 * config.n_kv_heads * config.head_dim * 4 * (
+            max(1, tokens // 16 * 4) + 16)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("beacon:ratio=3,chunk=16", r"ratio=3: must be a positive divisor of chunk=16"),
+    ("beacon:params=/no/such.msgpack", r"params='/no/such.msgpack': no such file"),
+])
+def test_bad_beacon_spec_is_one_line(spec, message):
+    from lctx.infer.kvcache import parse
+
+    with pytest.raises(ValueError, match=message):
+        parse(spec)

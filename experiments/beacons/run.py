@@ -41,6 +41,7 @@ from lctx.model import beacon as bc
 
 HERE = Path(__file__).resolve().parent
 CELLS, CKPT, TRAIN_LOG = HERE / "cells", HERE / "ckpt" / "state.msgpack", HERE / "train_log.jsonl"
+MODULE = HERE / "ckpt" / "beacon.msgpack"  # the module alone: kv_cache="beacon:params=..."
 SEQ_LEN, CHUNK, RATIOS = 4096, 1024, (2, 4, 8, 16)
 LR, WARMUP = 1e-4, 10
 EVAL_LENGTHS, EVAL_RATIOS = (4096, 8192), (4, 8, 16)
@@ -79,11 +80,16 @@ def make_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
+def _write(path: Path, tree) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(flax.serialization.to_bytes(tree))
+    os.replace(tmp, path)  # a killed run never leaves a half file
+
+
 def save(state: dict) -> None:
-    CKPT.parent.mkdir(exist_ok=True)
-    tmp = CKPT.with_suffix(".tmp")
-    tmp.write_bytes(flax.serialization.to_bytes(state))
-    os.replace(tmp, CKPT)  # a killed run never leaves a half checkpoint
+    _write(CKPT, state)
+    _write(MODULE, state["beacon"])
 
 
 def train(minutes: float) -> int:
@@ -120,6 +126,7 @@ def trained_beacon(model) -> tuple[dict, int]:
     optimizer = make_optimizer()
     template = {"beacon": beacon, "opt": optimizer.init(beacon), "step": 0}
     state = flax.serialization.from_bytes(template, CKPT.read_bytes())
+    _write(MODULE, state["beacon"])
     return state["beacon"], int(state["step"])
 
 

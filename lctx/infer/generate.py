@@ -178,9 +178,13 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
         raise ValueError(f"temperature={temperature!r}: must be >= 0 (0 is greedy)")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}: must be an int >= 1")
+    policy = parse(kv_cache) if isinstance(kv_cache, str) else kv_cache
+    if policy.own_path:
+        return _generate_own_path(config, params, prompts, policy, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, rng=rng, return_logits=return_logits)
     tokens, lengths = pad_prompts(prompts, pad_id, chunk)
     total = tokens.shape[1] + max_new_tokens
-    cache = new_cache(config, kv_cache, batch=len(prompts), tokens=total,
+    cache = new_cache(config, policy, batch=len(prompts), tokens=total,
                       chunk=min(chunk, tokens.shape[1]))
     check_capacity(cache, total, chunk)
     rope_seq_len = rope_length(int(lengths.max()), max_new_tokens)
@@ -193,3 +197,14 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
                                        rope_seq_len=rope_seq_len, return_logits=return_logits)
     new_tokens = np.asarray(new_tokens)
     return (new_tokens, np.asarray(logits)) if return_logits else new_tokens
+
+
+def _generate_own_path(config, params, prompts, policy: CachePolicy, *, max_new_tokens: int,
+                       temperature: float, rng, return_logits: bool):
+    """`generate` for a policy with its own reading path (`CachePolicy.stream`), row by row."""
+    rows = [list(policy.stream(config, params, np.asarray(p), max_new_tokens=max_new_tokens,
+                               temperature=temperature, rng=rng)) for p in prompts]
+    tokens = np.asarray([[t for t, _ in row] for row in rows], np.int32)
+    if not return_logits:
+        return tokens
+    return tokens, np.asarray([[l for _, l in row] for row in rows], np.float32)

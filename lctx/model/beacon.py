@@ -73,25 +73,31 @@ def init_beacon(config: ModelConfig, params: Params) -> Params:
             "attn": jax.tree.map(jnp.array, attn)}
 
 
+def masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array
+                     ) -> jax.Array:
+    """Dense float32 GQA attention: q `[b, n, H, hd]`, keys/values `[b, S, Hkv, hd]`
+    (rotated), visible bool `[n, S]`; every row must see at least one key."""
+    b, n, heads, hd = q.shape
+    kv_heads = keys.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, n, kv_heads, heads // kv_heads, hd)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys.astype(jnp.float32)) * hd**-0.5
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values.astype(jnp.float32))
+    return out.reshape(b, n, heads, hd).astype(q.dtype)
+
+
 def beacon_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array,
                      past_v: jax.Array, past_count: jax.Array, mask: jax.Array) -> jax.Array:
-    """Dense float32 attention of a step's queries over past beacons and the step.
+    """A step's queries over past beacons and the step itself.
 
     q `[b, n, H, hd]`; k, v `[b, n, Hkv, hd]` (rotated); past_k, past_v `[b, M, Hkv, hd]`
     (rotated), of which the first `past_count` are real; mask bool `[n, n]` within the
     step. Every query sees itself, so no row is empty. Returns `[b, n, H, hd]`.
     """
-    b, n, heads, hd = q.shape
-    kv_heads, m = k.shape[2], past_k.shape[1]
-    keys = jnp.concatenate([past_k, k], axis=1).astype(jnp.float32)
-    values = jnp.concatenate([past_v, v], axis=1).astype(jnp.float32)
-    past_visible = jnp.broadcast_to(jnp.arange(m) < past_count, (n, m))
-    visible = jnp.concatenate([past_visible, mask], axis=1)
-    qg = q.astype(jnp.float32).reshape(b, n, kv_heads, heads // kv_heads, hd)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys) * hd**-0.5
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values)
-    return out.reshape(b, n, heads, hd).astype(q.dtype)
+    n, m = k.shape[1], past_k.shape[1]
+    visible = jnp.concatenate([jnp.broadcast_to(jnp.arange(m) < past_count, (n, m)), mask], 1)
+    return masked_attention(q, jnp.concatenate([past_k, k], 1), jnp.concatenate([past_v, v], 1),
+                            visible)
 
 
 def _project(h: jax.Array, base: Params, beacon: Params, is_beacon: jax.Array, name: str):
@@ -101,10 +107,45 @@ def _project(h: jax.Array, base: Params, beacon: Params, is_beacon: jax.Array, n
     return jnp.where(is_beacon[None, :, None, None], beacon_out, base_out)
 
 
+def layer_stacks(params: Params, beacon: Params) -> tuple[Params, Params]:
+    """The base layers (MLP kernels flat, as mlp_sublayer takes them) and the beacon
+    attention, both stacked `[L, ...]` for a scan over layers."""
+    layers = params["layers"]
+    mlp = {name: layers["mlp"][name]["kernel"] for name in ("gate", "up", "down")}
+    return {**layers, "mlp": mlp}, beacon["attn"]
+
+
+def window_layer(cfg: ModelConfig, x: jax.Array, w: Params, bw: Params, is_beacon: jax.Array,
+                 cos: jax.Array, sin: jax.Array, context_k: jax.Array, context_v: jax.Array,
+                 visible: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """One decoder layer over a window's tokens x `[b, n, D]`.
+
+    Beacon tokens (is_beacon `[n]`) project q/k/v/o with the beacon kernels `bw`, raw
+    tokens with the layer's `w`; norms and the MLP are shared. The tokens attend to
+    `context_k/v` `[b, S, Hkv, hd]` (rotated: past beacons, cached raw tokens) and to
+    themselves, as visible bool `[n, S + n]` allows; cos/sin `[1, n, rot/2]` are the
+    tokens' RoPE tables. Returns (x, (keys before RoPE, rotated keys, values) of the
+    window's tokens, each `[b, n, Hkv, hd]`).
+    """
+    h = rms_norm(x, w["attn_norm"]["scale"], cfg.norm_eps).astype(cfg.compute_dtype)
+    q = apply_rotary(_project(h, w["attn"], bw, is_beacon, "q"), cos, sin)
+    k = _project(h, w["attn"], bw, is_beacon, "k")
+    v = _project(h, w["attn"], bw, is_beacon, "v")
+    k_rot = apply_rotary(k, cos, sin)
+    out = masked_attention(q, jnp.concatenate([context_k, k_rot], 1),
+                           jnp.concatenate([context_v, v], 1), visible)
+    o = jnp.where(is_beacon[None, :, None],
+                  jnp.einsum("bshk,hkd->bsd", out, bw["o"]["kernel"].astype(out.dtype)),
+                  jnp.einsum("bshk,hkd->bsd", out, w["attn"]["o"]["kernel"]))
+    x = mlp_sublayer(x + o, w["mlp_norm"]["scale"], w["mlp"], cfg=cfg, mesh=None)
+    return x, (k, k_rot, v)
+
+
 def beacon_hidden(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
                   chunk: int, ratio: int | None) -> jax.Array:
     """Final-normed hidden states `[b, N, D]` of raw tokens int `[b, N]` (N a multiple
-    of `chunk`), read chunk by chunk through the beacons (see the module docstring)."""
+    of `chunk`), read chunk by chunk through the beacons (see the module docstring):
+    each step runs the chunk interleaved with its beacons in one pass (`chunk_mask`)."""
     batch, total = tokens.shape
     if total % chunk:
         raise ValueError(f"tokens: length {total} must be a multiple of chunk={chunk}")
@@ -122,23 +163,17 @@ def beacon_hidden(config: ModelConfig, params: Params, beacon: Params, tokens: j
     table = base["embed"]["embedding"]
     beacon_x = beacon["embedding"].astype(cfg.compute_dtype)
     past_cos, past_sin = rope_cos_sin(jnp.arange(past_slots)[None], inv_freq, factor)
+    stacks = layer_stacks(base, beacon)
 
     def layer(x, weights):
         w, bw, past_k, past_v, cos, sin, count = weights
-        h = rms_norm(x, w["attn_norm"]["scale"], cfg.norm_eps).astype(cfg.compute_dtype)
-        q = apply_rotary(_project(h, w["attn"], bw, is_beacon, "q"), cos, sin)
-        k = _project(h, w["attn"], bw, is_beacon, "k")
-        v = _project(h, w["attn"], bw, is_beacon, "v")
-        out = beacon_attention(q, apply_rotary(k, cos, sin), v,
-                               apply_rotary(past_k, past_cos, past_sin), past_v, count, mask)
-        o = jnp.where(is_beacon[None, :, None],
-                      jnp.einsum("bshk,hkd->bsd", out, bw["o"]["kernel"].astype(out.dtype)),
-                      jnp.einsum("bshk,hkd->bsd", out, w["attn"]["o"]["kernel"]))
-        x = mlp_sublayer(x + o, w["mlp_norm"]["scale"], w["mlp"], cfg=cfg, mesh=None)
+        visible = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(past_slots) < count, (n, past_slots)), mask], 1)
+        x, (k, _, v) = window_layer(cfg, x, w, bw, is_beacon, cos, sin,
+                                    apply_rotary(past_k, past_cos, past_sin), past_v, visible)
         return x, (k[:, beacon_slots], v[:, beacon_slots])  # the beacons' keys before RoPE
 
     layer = jax.checkpoint(layer, prevent_cse=False)  # keep one layer's probabilities at a time
-    mlp = lambda w: {name: w["mlp"][name]["kernel"] for name in ("gate", "up", "down")}
 
     def step(carry, ids):
         past_k, past_v, count = carry
@@ -146,10 +181,9 @@ def beacon_hidden(config: ModelConfig, params: Params, beacon: Params, tokens: j
         x = x.at[:, raw_slots].set(jnp.take(table, ids, axis=0).astype(cfg.compute_dtype))
         x = x.at[:, beacon_slots].set(beacon_x)
         cos, sin = rope_cos_sin((count + jnp.arange(n))[None], inv_freq, factor)
-        per_layer = ({**base["layers"], "mlp": mlp(base["layers"])}, beacon["attn"], past_k, past_v)
         broadcast = lambda a: jnp.broadcast_to(a, (layers, *a.shape))
         x, (new_k, new_v) = jax.lax.scan(
-            layer, x, (*per_layer, broadcast(cos), broadcast(sin), broadcast(count)))
+            layer, x, (*stacks, past_k, past_v, broadcast(cos), broadcast(sin), broadcast(count)))
         if units:
             past_k = jax.lax.dynamic_update_slice_in_dim(past_k, new_k, count, axis=2)
             past_v = jax.lax.dynamic_update_slice_in_dim(past_v, new_v, count, axis=2)

@@ -83,6 +83,7 @@ class CachePolicy:
 
     name: ClassVar[str]
     scores: ClassVar[str | None] = None
+    own_path: ClassVar[bool] = False  # reads the prompt its own way: see `stream`
 
     def problems(self) -> list[str]:
         """One line per invalid option ("key=value: what is allowed"); [] when valid."""
@@ -117,6 +118,12 @@ class CachePolicy:
         """After attending: drop slots down to the policy's budget. scores float32
         `[b, Hkv, T]` (per `self.scores`) or None; chunk_pos `[b, C]` the chunk's positions."""
         return data
+
+    def stream(self, config: Any, params: Any, prompt: Any, *, max_new_tokens: int,
+               temperature: float = 0.0, rng: jax.Array | None = None):
+        """For a policy with `own_path` (beacon: the model reads the prompt through it):
+        an iterator of (token, logits `[V]`) per decode step."""
+        raise NotImplementedError
 
     def nbytes(self, batch: int, kv_heads: int, head_dim: int, tokens: int, chunk: int,
                dtype_bytes: int) -> int:
