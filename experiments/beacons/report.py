@@ -29,7 +29,8 @@ def read_cells() -> dict[tuple[str, int], dict]:
 
 def table(cells: dict) -> str:
     head = ["setting"] + [f"ppl {n // 1024}K" for n in EVAL_LENGTHS] + \
-           [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS]
+           [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS] + \
+           [f"passkey {n // 1024}K" for n in EVAL_LENGTHS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = ["full"] + [name for r in EVAL_RATIOS for name in
                         (f"beacon{r}", f"beacon{r}_untrained", f"sink_window{r}", f"snapkv{r}")]
@@ -37,7 +38,10 @@ def table(cells: dict) -> str:
         records = [cells.get((key, n)) for n in EVAL_LENGTHS]
         ppl = ["—" if r is None else f"{r['result']['ppl']:.3f}" for r in records]
         mib = ["—" if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in records]
-        lines.append("| " + " | ".join([key] + ppl + mib) + " |")
+        keys = [cells.get((f"passkey_{key}", n)) for n in EVAL_LENGTHS]
+        found = ["—" if r is None else f"{sum(r['result']['correct'])}/{len(r['result']['correct'])}"
+                 for r in keys]
+        lines.append("| " + " | ".join([key] + ppl + mib + found) + " |")
     return "\n".join(lines)
 
 

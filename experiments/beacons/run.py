@@ -11,10 +11,11 @@ beacon module has parameters in the optimizer. The checkpoint (ckpt/state.msgpac
 written to a temporary file and renamed) holds the module, the Adam state, the step
 and the data position, so a rerun resumes.
 
-eval: perplexity of held-out standard-library code at each length, one cell per
-(setting, length) in cells/: the full model, beacons at ratio r before and after
-training, and at equal memory (length / r tokens per layer and KV head) sink_window and
-snapkv streamed through the cache as in experiments/kv_cache.
+eval: one cell per (setting, length) in cells/. Perplexity of held-out standard-library
+code: the full model, beacons at ratio r before and after training, and at equal memory
+(the slots the beacon cache holds on its last chunk) sink_window and snapkv streamed
+through the cache as in experiments/kv_cache. Passkey at five depths through the full
+cache, beacons at ratio 8 (trained, untrained) and sink_window at equal memory.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import optax
 
 import lctx
 from lctx.data.corpus import VALIDATION_FRACTION, iter_texts, stdlib_spec
+from lctx.eval.api import evaluate_model, held_out_documents
 from lctx.infer.generate import new_cache
 from lctx.model import beacon as bc
 
@@ -46,6 +48,7 @@ SEQ_LEN, CHUNK, RATIOS = 4096, 1024, (2, 4, 8, 16)
 LR, WARMUP = 1e-4, 10
 EVAL_LENGTHS, EVAL_RATIOS = (4096, 8192), (4, 8, 16)
 STREAM_CHUNK = 128
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def _kv_cache_study():
@@ -167,6 +170,23 @@ def eval_cell(model, name: str, length: int, text: np.ndarray, beacons: dict) ->
     return {"ppl": float(np.exp(nll.mean())), "kv_bytes": int(nbytes)}
 
 
+PASSKEY = ("full", "beacon8", "beacon8_untrained", "sink_window8")  # at 4K and 8K, 5 depths
+
+
+def passkey_cell(model, name: str, length: int, held_out: list[dict]) -> dict:
+    """Passkey at five depths, prompts read and answered through the setting's cache."""
+    ratio = 8
+    past = (length // CHUNK - 1) * (CHUNK // ratio)
+    spec = {"full": "full",
+            "beacon8": f"beacon:ratio={ratio},chunk={CHUNK},params={MODULE}",
+            "beacon8_untrained": f"beacon:ratio={ratio},chunk={CHUNK}",
+            "sink_window8": f"sink_window:sinks=4,window={past + CHUNK + CHUNK // ratio - 4}"}[name]
+    result = evaluate_model(model.config, model.params, model.tokenizer, held_out,
+                            tasks=("passkey",), lengths=(length,), depths=DEPTHS, trials=1,
+                            seed=0, prompt_batch=1, kv_cache=spec, progress=False)
+    return {"correct": [c["correct"] for c in result["passkey"]["cells"]], "spec": spec}
+
+
 def evaluate(budget_min: float) -> int:
     model = lctx.load("smollm2-135m")
     text = token_stream(model.tokenizer, "validation", max(EVAL_LENGTHS) + 1)
@@ -179,12 +199,16 @@ def evaluate(budget_min: float) -> int:
     todo = [(s, n) for n in EVAL_LENGTHS for s in settings()
             if not (CELLS / f"{s}__{n}.json").exists() and (s.endswith("untrained")
                                                          or not s.startswith("beacon") or step)]
+    todo += [(f"passkey_{s}", n) for n in EVAL_LENGTHS for s in PASSKEY
+             if not (CELLS / f"passkey_{s}__{n}.json").exists() and (s != "beacon8" or step)]
+    held_out = held_out_documents()
     for name, length in todo:
         if (time.perf_counter() - began) / 60 > budget_min:
             print("budget spent; rerun to continue", flush=True)
             break
         t0 = time.perf_counter()
-        result = eval_cell(model, name, length, text, beacons)
+        result = (passkey_cell(model, name.removeprefix("passkey_"), length, held_out)
+                  if name.startswith("passkey_") else eval_cell(model, name, length, text, beacons))
         record = {"setting": name, "length": length, "result": result,
                   "trained_steps": step if name.startswith("beacon") and "untrained" not in name else 0,
                   "wall_s": round(time.perf_counter() - t0, 1)}
