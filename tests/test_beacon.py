@@ -122,7 +122,7 @@ def _perturbed(config, params):
     return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), beacon)
 
 
-@pytest.mark.parametrize("prompt_len", [21, 16])
+@pytest.mark.parametrize("prompt_len", [21, pytest.param(16, marks=pytest.mark.slow)])
 def test_generation_through_beacons_equals_the_one_pass_forward(tiny, prompt_len, tmp_path):
     """Reading token by token, compressing each chunk as it fills (kv_cache="beacon:...",
     lctx.infer.beacon), gives the logits of the interleaved one-pass forward (the
