@@ -357,7 +357,7 @@ def remat_grads(remat: str, ffn_chunk: int | None = None):
     return compiled(params), compiled.as_text().count(" while(")
 
 
-@pytest.mark.parametrize("remat", ["full", "save_attention"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "save_attention"])
 def test_remat_policies_give_identical_gradients(remat):
     ((loss, _), grads), _ = remat_grads("none")
     ((remat_loss, _), remat_grads_), _ = remat_grads(remat)

@@ -194,7 +194,8 @@ def test_logits_blockwise_long_prompt_match_transformers(model, hf_logits, corpu
 
 
 @needs_model
-@pytest.mark.parametrize("impl, devices", [("ring", 8), ("ulysses", 3)])
+@pytest.mark.parametrize("impl, devices", [("ring", 8),
+                                           pytest.param("ulysses", 3, marks=pytest.mark.slow)])
 def test_logits_sequence_parallel_match_transformers(model, hf_logits, corpus_ids, impl,
                                                      devices):
     # Ulysses splits heads over the axis: 9 query / 3 KV heads allow 3 devices, not 8.
