@@ -146,6 +146,54 @@ def test_generation_through_beacons_equals_the_one_pass_forward(tiny, prompt_len
     np.testing.assert_array_equal(out[0], np.argmax(ref, -1))
 
 
+def test_per_chunk_ratios_equal_reading_each_chunk_at_its_ratio(tiny):
+    """Training samples the ratio per chunk (`picks`, one lax.switch branch per ratio):
+    the one-pass forward equals the inference path reading chunk 1 at ratio 2, chunk 2
+    at ratio 8, chunk 3 at ratio 4 (read_raw, then compress, at each chunk's ratio)."""
+    from lctx.infer import beacon as path
+
+    config, params, tokens = tiny
+    beacon = _perturbed(config, params)
+    chunk, choices, picks = 8, (2, 4, 8), (0, 2, 1)
+    ids = tokens[:1, :24]  # three chunks
+    got = bc.beacon_logits(config, params, beacon, ids, chunk=chunk, ratio=choices,
+                           picks=jnp.asarray(picks))
+    state = path.BeaconState.create(config, tokens=24, chunk=chunk, ratio=2)  # the most slots
+    expected = []
+    for c, pick in enumerate(picks):
+        ratio = choices[pick]
+        hidden, state = path.read_raw(config, params, beacon, state,
+                                      ids[:, c * chunk:(c + 1) * chunk], chunk=chunk, ratio=ratio)
+        expected.append(model.logits_of(config, params, hidden))
+        state = path.compress(config, params, beacon, state, chunk=chunk, ratio=ratio)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.concatenate(expected, 1)),
+                               atol=1e-4)
+    # one choice everywhere is that ratio's forward (the spare past slots stay masked)
+    same = bc.beacon_logits(config, params, beacon, ids, chunk=chunk, ratio=choices,
+                            picks=jnp.ones(3, jnp.int32))
+    np.testing.assert_allclose(np.asarray(same), np.asarray(
+        bc.beacon_logits(config, params, beacon, ids, chunk=chunk, ratio=4)), atol=1e-5)
+
+
+def test_beacon_lm_loss_is_the_masked_mean_of_the_token_nll(tiny):
+    """The training loss (targets and a loss mask, chunked cross-entropy) against the
+    log-softmax of the full logits, in float64."""
+    config, params, tokens = tiny
+    beacon = _perturbed(config, params)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = (jax.random.uniform(jax.random.key(3), tokens.shape) > 0.3).astype(jnp.float32)
+    loss, metrics = bc.beacon_lm_loss(config, params, beacon, tokens, targets, mask, chunk=16,
+                                      ratio=(2, 4), picks=jnp.asarray([1, 0]))
+    logits = np.asarray(bc.beacon_logits(config, params, beacon, tokens, chunk=16, ratio=(2, 4),
+                                         picks=jnp.asarray([1, 0])), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    m = np.asarray(mask, np.float64)
+    np.testing.assert_allclose(float(loss), (nll * m).sum() / m.sum(), rtol=1e-5)
+    assert float(metrics["tokens"]) == m.sum()
+
+
 def test_beacon_cache_bytes_match_the_calculator(tiny):
     """The state a generation holds is what `python -m lctx.kvcache memory
     --kv_cache=beacon:...` predicts: past beacons plus one open chunk, per layer."""

@@ -223,8 +223,11 @@ def extend(config: ModelConfig, params: Params, tokens: jax.Array, cache: Any, *
                                method=Llama.hidden_cached)
 
 
+def head_of(config: ModelConfig, params: Params) -> jax.Array:
+    """The output head: lm_head `[D, V]`, or the embedding `[V, D]` when tied."""
+    return Llama(config).apply({"params": params}, method=Llama.head)
+
+
 def logits_of(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 logits `[..., V]` of final-normed hidden states `[..., D]`."""
-    model = Llama(config)
-    head = model.apply({"params": params}, method=Llama.head)
-    return head_logits(hidden, head, config.tie_embeddings)
+    return head_logits(hidden, head_of(config, params), config.tie_embeddings)

@@ -31,14 +31,16 @@ so no query-key distance exceeds m + chunk + chunk / ratio, however long the inp
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx.model.api import logits_of
+from lctx.model.api import head_of, logits_of
 from lctx.model.config import ModelConfig
+from lctx.model.loss import chunked_cross_entropy, default_chunk
 from lctx.model.rope import apply_rotary, inverse_frequencies, rope_cos_sin
 from lctx.model.transformer import mlp_sublayer, rms_norm
 
@@ -141,77 +143,127 @@ def window_layer(cfg: ModelConfig, x: jax.Array, w: Params, bw: Params, is_beaco
     return x, (k, k_rot, v)
 
 
+def _ratio_choices(ratio: int | None | Sequence[int]) -> tuple[int | None, ...]:
+    return tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+
+
 def beacon_hidden(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
-                  chunk: int, ratio: int | None) -> jax.Array:
+                  chunk: int, ratio: int | None | Sequence[int],
+                  picks: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states `[b, N, D]` of raw tokens int `[b, N]` (N a multiple
     of `chunk`), read chunk by chunk through the beacons (see the module docstring):
-    each step runs the chunk interleaved with its beacons in one pass (`chunk_mask`)."""
+    each step runs the chunk interleaved with its beacons in one pass (`chunk_mask`).
+
+    ratio: one ratio for every chunk, None (beacons off), or a tuple of ratios of which
+    int `picks` `[N // chunk]` chooses each chunk's (the paper's per-chunk sampling in
+    training; a `lax.switch` over one compiled step per ratio, the past held in
+    slots for the most beacons any pick could leave).
+    """
     batch, total = tokens.shape
     if total % chunk:
         raise ValueError(f"tokens: length {total} must be a multiple of chunk={chunk}")
+    choices = _ratio_choices(ratio)
+    steps = total // chunk
+    if picks is None:
+        if len(choices) > 1:
+            raise ValueError(f"ratio={choices}: several ratios need `picks`, one per chunk")
+        picks = jnp.zeros(steps, jnp.int32)
     cfg = config.replace(ffn_chunk=None)
     base = jax.lax.stop_gradient(params)
-    is_beacon_np, unit = chunk_layout(chunk, ratio)
-    is_beacon = jnp.asarray(is_beacon_np)
-    raw_slots = jnp.asarray(np.flatnonzero(~is_beacon_np))
-    beacon_slots = jnp.asarray(np.flatnonzero(is_beacon_np))
-    n, units, steps = len(unit), len(beacon_slots), total // chunk
-    mask = jnp.asarray(chunk_mask(is_beacon_np, unit))
-    past_slots = max(1, steps * units)  # one spare slot keeps shapes non-empty when off
+    layouts = [chunk_layout(chunk, r) for r in choices]
+    most = max(int(is_beacon.sum()) for is_beacon, _ in layouts)
+    past_slots = max(1, steps * most)  # one spare slot keeps shapes non-empty when off
     layers, kv_heads, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
-    inv_freq, factor = inverse_frequencies(cfg.rope, hd, past_slots + n)
+    inv_freq, factor = inverse_frequencies(cfg.rope, hd, past_slots + chunk + most)
     table = base["embed"]["embedding"]
     beacon_x = beacon["embedding"].astype(cfg.compute_dtype)
     past_cos, past_sin = rope_cos_sin(jnp.arange(past_slots)[None], inv_freq, factor)
     stacks = layer_stacks(base, beacon)
+    broadcast = lambda a: jnp.broadcast_to(a, (layers, *a.shape))
 
-    def layer(x, weights):
-        w, bw, past_k, past_v, cos, sin, count = weights
-        visible = jnp.concatenate(
-            [jnp.broadcast_to(jnp.arange(past_slots) < count, (n, past_slots)), mask], 1)
-        x, (k, _, v) = window_layer(cfg, x, w, bw, is_beacon, cos, sin,
-                                    apply_rotary(past_k, past_cos, past_sin), past_v, visible)
-        return x, (k[:, beacon_slots], v[:, beacon_slots])  # the beacons' keys before RoPE
-
-    layer = jax.checkpoint(layer, prevent_cse=False)  # keep one layer's probabilities at a time
-
-    def step(carry, ids):
+    def chunk_step(layout, carry, ids):
+        """One chunk at one ratio: `layout` = chunk_layout(chunk, ratio)."""
+        is_beacon_np, unit = layout
+        is_beacon = jnp.asarray(is_beacon_np)
+        raw_slots = jnp.asarray(np.flatnonzero(~is_beacon_np))
+        beacon_slots = jnp.asarray(np.flatnonzero(is_beacon_np))
+        n, units = len(unit), len(beacon_slots)
+        mask = jnp.asarray(chunk_mask(is_beacon_np, unit))
         past_k, past_v, count = carry
+
+        def layer(x, weights):
+            w, bw, past_k, past_v, cos, sin = weights
+            visible = jnp.concatenate(
+                [jnp.broadcast_to(jnp.arange(past_slots) < count, (n, past_slots)), mask], 1)
+            x, (k, _, v) = window_layer(cfg, x, w, bw, is_beacon, cos, sin,
+                                        apply_rotary(past_k, past_cos, past_sin), past_v, visible)
+            return x, (k[:, beacon_slots], v[:, beacon_slots])  # the beacons' keys before RoPE
+
+        layer = jax.checkpoint(layer, prevent_cse=False)  # one layer's probabilities at a time
         x = jnp.zeros((batch, n, cfg.d_model), cfg.compute_dtype)
         x = x.at[:, raw_slots].set(jnp.take(table, ids, axis=0).astype(cfg.compute_dtype))
         x = x.at[:, beacon_slots].set(beacon_x)
         cos, sin = rope_cos_sin((count + jnp.arange(n))[None], inv_freq, factor)
-        broadcast = lambda a: jnp.broadcast_to(a, (layers, *a.shape))
         x, (new_k, new_v) = jax.lax.scan(
-            layer, x, (*stacks, past_k, past_v, broadcast(cos), broadcast(sin), broadcast(count)))
+            layer, x, (*stacks, past_k, past_v, broadcast(cos), broadcast(sin)))
         if units:
             past_k = jax.lax.dynamic_update_slice_in_dim(past_k, new_k, count, axis=2)
             past_v = jax.lax.dynamic_update_slice_in_dim(past_v, new_v, count, axis=2)
         hidden = rms_norm(x[:, raw_slots], base["final_norm"]["scale"], cfg.norm_eps)
         return (past_k, past_v, count + units), hidden.astype(cfg.compute_dtype)
 
+    branches = [functools.partial(chunk_step, layout) for layout in layouts]
+
+    def step(carry, inputs):
+        ids, pick = inputs
+        if len(branches) == 1:
+            return branches[0](carry, ids)
+        return jax.lax.switch(pick, branches, carry, ids)
+
     empty = jnp.zeros((layers, batch, past_slots, kv_heads, hd), cfg.compute_dtype)
     ids = jnp.swapaxes(tokens.reshape(batch, steps, chunk), 0, 1)
-    _, hidden = jax.lax.scan(step, (empty, empty, jnp.int32(0)), ids)
+    _, hidden = jax.lax.scan(step, (empty, empty, jnp.int32(0)), (ids, jnp.asarray(picks, jnp.int32)))
     return jnp.swapaxes(hidden, 0, 1).reshape(batch, total, cfg.d_model)
 
 
 def beacon_logits(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
-                  chunk: int, ratio: int | None) -> jax.Array:
+                  chunk: int, ratio: int | None | Sequence[int],
+                  picks: jax.Array | None = None) -> jax.Array:
     """float32 logits `[b, N, V]` of the raw tokens read through the beacons."""
-    hidden = beacon_hidden(config, params, beacon, tokens, chunk=chunk, ratio=ratio)
+    hidden = beacon_hidden(config, params, beacon, tokens, chunk=chunk, ratio=ratio, picks=picks)
     return logits_of(config, jax.lax.stop_gradient(params), hidden)
 
 
 def beacon_nll(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
-               chunk: int, ratio: int | None) -> jax.Array:
+               chunk: int, ratio: int | None | Sequence[int],
+               picks: jax.Array | None = None) -> jax.Array:
     """float32 `[b, N - 1]`: -log p(token t+1 | tokens <= t, read through the beacons)."""
-    logits = beacon_logits(config, params, beacon, tokens, chunk=chunk, ratio=ratio)
+    logits = beacon_logits(config, params, beacon, tokens, chunk=chunk, ratio=ratio, picks=picks)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
 def beacon_loss(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array, *,
-                chunk: int, ratio: int | None) -> jax.Array:
+                chunk: int, ratio: int | None | Sequence[int],
+                picks: jax.Array | None = None) -> jax.Array:
     """Mean next-token loss; its gradient reaches only `beacon`."""
-    return jnp.mean(beacon_nll(config, params, beacon, tokens, chunk=chunk, ratio=ratio))
+    return jnp.mean(beacon_nll(config, params, beacon, tokens, chunk=chunk, ratio=ratio,
+                               picks=picks))
+
+
+def beacon_lm_loss(config: ModelConfig, params: Params, beacon: Params, tokens: jax.Array,
+                   targets: jax.Array, loss_mask: jax.Array, *, chunk: int,
+                   ratio: int | None | Sequence[int], picks: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """lctx.model.loss read through the beacons: mean cross-entropy of int `targets`
+    `[b, N]` over `loss_mask` `[b, N]`, and {"loss", "tokens", "accuracy"}; the logits
+    are formed a piece at a time (chunked_cross_entropy), never `[b, N, V]` at once."""
+    hidden = beacon_hidden(config, params, beacon, tokens, chunk=chunk, ratio=ratio, picks=picks)
+    head = head_of(config, jax.lax.stop_gradient(params))
+    rows, seq = tokens.shape
+    nll, correct = chunked_cross_entropy(hidden, head, targets, loss_mask,
+                                         tied=config.tie_embeddings,
+                                         chunk=default_chunk(rows, seq, config.vocab_size))
+    n_tokens = jnp.sum(loss_mask.astype(jnp.float32))
+    mean = nll / jnp.maximum(n_tokens, 1.0)
+    return mean, {"loss": mean, "tokens": n_tokens, "accuracy": correct / jnp.maximum(n_tokens, 1.0)}
