@@ -221,8 +221,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     recipe.checkpoint.async_save = False
     real_step = loop.train_step
 
-    def poisoned(state, batch, **kw):
-        new_state, metrics = real_step(state, batch, **kw)
+    def poisoned(state, batch, frozen=None, **kw):
+        new_state, metrics = real_step(state, batch, frozen, **kw)
         bad = state.step >= 4  # the fifth pretrain update
         metrics["finite"] = metrics["finite"] & ~bad
         return new_state, metrics
@@ -244,7 +244,7 @@ BAD_CONFIGS = [
     ("stages.pretrain.batch_size", 12, r"batch_size=12: must be divisible by data x fsdp \(8\)"),
     ("data.tokenizer", "words", r"data.tokenizer='words'"),
     ("data.corpus_dir", "/no/such/dir", r"data.corpus_dir='/no/such/dir': no such directory"),
-    ("init_from", "/no/such/ckpt", r"init_from='/no/such/ckpt': no such checkpoint directory"),
+    ("init_from", "/no/such/ckpt", r"init_from='/no/such/ckpt': no such file or directory and not a registered model"),
     ("model.attention_impl", "flash", r"attention_impl='flash'"),
     ("stages.extend.schedule", "step", r"stages.extend.schedule='step': expected one of cosine"),
     ("stages.extend.rope_scaling", {"rope_type": "yarm", "factor": 2.0}, r"yarm"),
@@ -272,7 +272,7 @@ def test_bad_config_table(key, value, pattern):
 
 # TPU recipes are validated for the slice they name; paths that exist only on that
 # machine (a converted checkpoint, a prepared TFDS directory) are the one exception.
-RECIPE_DEVICES = {"pretrain_8k": 16, "extend_128k": 16, "extend_llama3_8b_128k": 32}
+RECIPE_DEVICES = {"pretrain_8k": 16, "extend_128k": 16, "extend_llama3_8b_128k": 32, "beacon_smollm2": 1}
 MACHINE_PATHS = re.compile(r"^(init_from|data\.tfds_data_dir|data\.tokenizer)=")
 
 

@@ -196,6 +196,11 @@ def read_run(run_dir: str | os.PathLike, step: int | None = None) -> RunCheckpoi
     import orbax.checkpoint as ocp
 
     config = read_run_config(run_dir)
+    if config.get("beacon") and config.beacon.get("ratios"):
+        raise ValueError(f"workdir={str(run_dir)!r}: an activation-beacon run, whose checkpoints "
+                         f"hold the beacon module, not a model: load init_from "
+                         f"({config.init_from}) with kv_cache='beacon:ratio=R,chunk="
+                         f"{config.beacon.chunk},params={os.path.join(run_dir, 'beacon.msgpack')}'")
     directory = checkpoint_directory(config, run_dir)
     drop_stale_orbax_callbacks()
     manager = None

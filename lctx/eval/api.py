@@ -98,7 +98,8 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
     options: stride, max_tokens, batch_size (perplexity); depths, trials, seed,
     prompt_batch, kv_cache (retrieval: prompts are prefilled and answered through that
     cache policy, e.g. "snapkv:budget=1024"); needle (a retrieval.Needle). Perplexity
-    is a full forward whatever kv_cache says.
+    is the model's full forward, except through a policy that reads the text its own
+    way (beacon), whose windows it scores.
     """
     problems = check_options(tasks, lengths, options)
     if problems:
@@ -113,11 +114,14 @@ def evaluate_model(model_config: lm.ModelConfig, params: Any, tokenizer: Tokeniz
         bar.update(1)
         bar.set_postfix(task=task, length=length)
 
+    window_nll = kvcache.parse(o["kv_cache"]).window_nll(model_config, params)
+
     def perplexity(length: int) -> dict[str, Any]:
         return perplexity_by_length(model_config, params, held_out, tokenizer, lengths=(length,),
                                     stride=o["stride"], max_tokens=o["max_tokens"],
                                     text_key=text_key, batch_size=o["batch_size"],
-                                    longest=max(lengths), mesh=mesh)[str(length)]
+                                    longest=max(lengths), mesh=mesh,
+                                    window_nll=window_nll)[str(length)]
 
     ctx = EvalContext(
         tokenizer=tokenizer, held_out=held_out, text_key=text_key, lengths=lengths, depths=depths,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -69,7 +69,8 @@ def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
                          source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
                          lengths: Sequence[int], stride: int, max_tokens: int,
                          text_key: str = "text", batch_size: int = 4,
-                         longest: int | None = None, mesh: Mesh | None = None) -> dict[str, Any]:
+                         longest: int | None = None, mesh: Mesh | None = None,
+                         window_nll: Callable | None = None) -> dict[str, Any]:
     """{str(L): {"ppl", "bits_per_byte", "tokens", "documents"}} for each length L.
 
     Only documents longer than the longest length (or `longest`, when lengths are
@@ -77,7 +78,11 @@ def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
     text. Attention runs as the model config says (blockwise by
     default); RoPE variants that depend on the length see L. With a `mesh` (needed by
     ring and Ulysses) the batch is padded up to a multiple of its data-parallel size.
+    window_nll: `(tokens, targets, mask) -> summed nll` of a window batch in place of the
+    model's forward (a cache policy's, e.g. beacons: CachePolicy.window_nll).
     """
+    if window_nll is None:
+        window_nll = lambda tok, tgt, msk: _window_nll(model_config, params, tok, tgt, msk, mesh)
     if mesh is not None:
         replicas = math.prod(mesh.shape.get(axis, 1) for axis in dict(LOGICAL_RULES)["batch"])
         batch_size = -(-batch_size // replicas) * replicas
@@ -103,7 +108,7 @@ def perplexity_by_length(model_config: lm.ModelConfig, params: Any,
             while len(rows) < batch_size:  # fixed shapes: one compilation per length
                 rows.append((rows[0][0], rows[0][1], np.zeros(length, np.float32)))
             tok, tgt, msk = (np.stack(col) for col in zip(*rows))
-            nll += float(_window_nll(model_config, params, tok, tgt, msk, mesh))
+            nll += float(window_nll(tok, tgt, msk))
             rows.clear()
 
         for ids in docs:

@@ -184,6 +184,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       mlp_dim=14336, max_position_embeddings=131072, rope=_llama3_rope(8.0),
                       dtype="bfloat16"),
+    # SmolLM2-135M (the registered GGUF, lctx.load("smollm2-135m")): for recipes that
+    # start from it (configs/beacon_smollm2.py).
+    "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         mlp_dim=1536, head_dim=64, max_position_embeddings=8192,
+                         tie_embeddings=True,
+                         rope=RopeConfig(rope_theta=100000.0, max_position_embeddings=8192)),
     # Llama-2-7B shapes (6.74B parameters).
     "llama2_7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                       mlp_dim=11008, max_position_embeddings=4096,

@@ -52,9 +52,12 @@ def _from_gguf(path: Path) -> dict[str, Any]:
 
 def _from_run(run_dir: str, step: int | None) -> dict[str, Any]:
     found = read_run(run_dir, step)
-    return dict(config=found.model_config, params=found.params,
-                tokenizer=make_tokenizer(found.config.data.tokenizer), step=found.step,
-                stage=found.stage)
+    spec = found.config.data.tokenizer
+    # "model": the run started from init_from and kept its tokenizer
+    tokenizer = (_resolve(found.config.init_from)["tokenizer"] if spec == "model"
+                 else make_tokenizer(spec))
+    return dict(config=found.model_config, params=found.params, tokenizer=tokenizer,
+                step=found.step, stage=found.stage)
 
 
 def _from_checkpoint(directory: Path) -> dict[str, Any]:

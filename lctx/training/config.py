@@ -24,6 +24,7 @@ from lctx.convert.run import as_dict, stage_model_config as model_config
 from lctx.kernels.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from lctx.kernels.registry import IMPLS, sequence_problems
 from lctx.kernels.pallas import resolve_kernel
+from lctx.models.registry import REGISTRY
 from lctx.training.optim import SCHEDULES
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
@@ -36,7 +37,9 @@ def base_config() -> ConfigDict:
     c.name = "run"  # recipe name; the default workdir is runs/<name>
     c.workdir = ""  # run directory; rerunning the same command resumes ("" -> runs/<name>)
     c.seed = 0  # parameter init and data shuffling
-    c.init_from = ""  # lctx checkpoint directory to start from (python -m lctx.convert hf-to-lctx)
+    # What to start from: any lctx.load source (a registered name such as smollm2-135m, a
+    # .gguf file, an lctx checkpoint or Hugging Face directory); "" initialises randomly.
+    c.init_from = ""
 
     # Model: a preset name plus any lctx.model.ModelConfig field to override.
     c.model = ConfigDict()
@@ -64,7 +67,8 @@ def base_config() -> ConfigDict:
     c.data.corpus_dir = ""  # directory of text files; "" -> this Python's standard library
     c.data.tfds_name = ""  # a named TFDS dataset instead (e.g. "pg19"), read from tfds_data_dir
     c.data.tfds_data_dir = ""  # where TFDS datasets live ("" -> runs/<name>/../tfds)
-    c.data.tokenizer = "byte"  # byte | path/to/spm.model | path/to/tokenizer.json
+    # byte | path/to/spm.model | path/to/tokenizer.json | model (init_from's own tokenizer)
+    c.data.tokenizer = "byte"
     c.data.validation_fraction = 0.05  # held-out share of files, split by path hash
     c.data.dedup = "exact"  # none | exact | near (duplicate file removal)
     c.data.whole_docs = False  # documents that fit in a row are never split (padding instead)
@@ -72,6 +76,13 @@ def base_config() -> ConfigDict:
     c.data.mix = ConfigDict()
     c.data.mix.fraction = 0.0  # share of training tokens that are synthetic (0: off)
     c.data.mix.passkey_share = 0.5  # share of synthetic documents in passkey format (rest needle)
+
+    # Activation beacons (lctx.model.beacon): with ratios set, only a beacon module is
+    # trained on the frozen init_from model (its optimizer state too), each chunk of
+    # `chunk` tokens at a ratio drawn from `ratios`; () trains the model itself.
+    c.beacon = ConfigDict()
+    c.beacon.ratios = ()
+    c.beacon.chunk = 1024
 
     c.stage_order = ()  # stage names in the order they run (ConfigDict sorts its keys)
     c.stages = ConfigDict()
@@ -104,7 +115,15 @@ def base_config() -> ConfigDict:
     c.eval.depths = EVAL_DEFAULTS["depths"]  # passkey / needle depths
     c.eval.trials = EVAL_DEFAULTS["trials"]  # random keys / haystacks per (length, depth)
     c.eval.seed = EVAL_DEFAULTS["seed"]  # passkey keys
+    # Retrieval reads through this cache policy (lctx.infer.kvcache spec). A beacon run
+    # reads everything through `beacon:ratio=R,chunk=C`, params= defaulting to its module.
+    c.eval.kv_cache = EVAL_DEFAULTS["kv_cache"]
     return c
+
+
+def trains_beacons(config: ConfigDict) -> bool:
+    """Whether the run trains an activation-beacon module, not the model."""
+    return bool(config.beacon.ratios)
 
 
 def stage(*, seq_len: int, batch_size: int, steps: int, learning_rate: float,
@@ -282,13 +301,35 @@ def problems(config: ConfigDict, num_devices: int) -> list[str]:
             found += _stage_problems(config, name, num_devices)
     found += _data_problems(config)
     found += _eval_problems(config)
-    if config.init_from and not os.path.isdir(config.init_from):
-        found.append(f"init_from={config.init_from!r}: no such checkpoint directory")
+    if config.init_from and not (config.init_from in REGISTRY or os.path.exists(config.init_from)):
+        found.append(f"init_from={config.init_from!r}: no such file or directory and not a "
+                     f"registered model ({', '.join(sorted(REGISTRY))})")
+    found += _beacon_problems(config)
     for key in ("checkpoint.every_steps", "checkpoint.keep", "log_every_steps"):
         value = config[key]
         if value <= 0:
             found.append(f"{key}={value}: expected a positive int")
     return list(dict.fromkeys(found))  # a problem of the shared model or mesh: once, not per stage
+
+
+def _beacon_problems(config: ConfigDict) -> list[str]:
+    b, found = config.beacon, []
+    if not trains_beacons(config):
+        return found
+    if not isinstance(b.chunk, int) or b.chunk < 1:
+        return [f"beacon.chunk={b.chunk!r}: expected a positive int"]
+    for ratio in b.ratios:
+        if not isinstance(ratio, int) or ratio < 1 or b.chunk % ratio:
+            found.append(f"beacon.ratios={tuple(b.ratios)}: {ratio!r} is not a positive divisor "
+                         f"of beacon.chunk={b.chunk}")
+    if not config.init_from:
+        found.append(f"beacon.ratios={tuple(b.ratios)}: beacons train on a frozen model; set "
+                     "init_from")
+    for name in config.stage_order:
+        seq = config.stages[name].get("seq_len") if name in config.stages else None
+        if isinstance(seq, int) and seq % b.chunk:
+            found.append(f"stages.{name}.seq_len={seq}: must be a multiple of beacon.chunk={b.chunk}")
+    return found
 
 
 def _data_problems(config: ConfigDict) -> list[str]:
@@ -302,7 +343,9 @@ def _data_problems(config: ConfigDict) -> list[str]:
         found.append(f"data.tfds_data_dir={d.tfds_data_dir!r}: no such directory")
     tok = d.tokenizer
     path = tok.split(":", 1)[1] if tok.startswith(("spm:", "sentencepiece:", "hf:")) else tok
-    if tok != "byte" and not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
+    if tok == "model" and not config.init_from:
+        found.append("data.tokenizer='model': the tokenizer of init_from, which is not set")
+    elif tok not in ("byte", "model") and not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
         found.append(f"data.tokenizer={tok!r}: expected 'byte', a SentencePiece .model file or a "
                      "Hugging Face tokenizer.json file that exists (optionally prefixed spm: or hf:)")
     if not 0.0 < d.validation_fraction < 1.0:
@@ -316,8 +359,12 @@ def _data_problems(config: ConfigDict) -> list[str]:
 def _eval_problems(config: ConfigDict) -> list[str]:
     e = config.eval
     options = dict(stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
-                   depths=tuple(e.depths), trials=e.trials, seed=e.seed)
-    return [f"eval.{line}" for line in check_options(tuple(e.tasks), tuple(e.lengths), options)]
+                   depths=tuple(e.depths), trials=e.trials, seed=e.seed, kv_cache=e.kv_cache)
+    found = [f"eval.{line}" for line in check_options(tuple(e.tasks), tuple(e.lengths), options)]
+    if trains_beacons(config) and not e.kv_cache.startswith("beacon"):
+        found.append(f"eval.kv_cache={e.kv_cache!r}: a beacon run evaluates through its module; "
+                     "expected beacon:ratio=R,chunk=C")
+    return found
 
 
 def describe(config: ConfigDict) -> dict[str, Any]:

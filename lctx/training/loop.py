@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +32,15 @@ from tqdm import tqdm
 from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
-from lctx.convert.checkpoint import load_checkpoint
 from lctx.convert.run import open_run_corpus
+from lctx.model import beacon as bc
+from lctx.models import Model, SourceError, load
 from lctx.eval.api import evaluate_model, format_table
 from lctx.training import config as cfg
 from lctx.training.checkpoint import Checkpointer
 from lctx.training.metrics import MetricsWriter, plot_loss_curve
 from lctx.training.optim import learning_rate_schedule, make_optimizer
-from lctx.training.step import TrainState, train_step
+from lctx.training.step import TrainState, beacon_objective, lm_objective, train_step
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,11 @@ class Stage:
     mesh: Mesh
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    abstract_params: Any  # the trainable tree: the model's, or a beacon module's
     state_shardings: Any
+    frozen_shardings: Any  # the frozen model's params (beacon runs), else None
     batch_sharding: NamedSharding
-    step_fn: Callable
+    step_fn: Callable  # (state, batch, frozen params or None) -> (state, metrics)
 
     @property
     def steps(self) -> int:
@@ -84,7 +89,15 @@ def _build_stage(config: ConfigDict, index: int) -> Stage:
                         decay_norms_and_embeddings=o.decay_norms_and_embeddings)
     param_sh = lm.param_shardings(model_config, mesh)
     replicated = NamedSharding(mesh, P())
-    abstract_params = _unboxed_abstract(model_config)
+    if cfg.trains_beacons(config):
+        abstract_params = jax.eval_shape(lambda p: bc.init_beacon(model_config, p),
+                                         _unboxed_abstract(model_config))
+        frozen_sh, param_sh = param_sh, {"embedding": replicated, "attn": param_sh["layers"]["attn"]}
+        objective = beacon_objective(model_config, chunk=config.beacon.chunk,
+                                     ratios=tuple(config.beacon.ratios))
+    else:
+        abstract_params, frozen_sh = _unboxed_abstract(model_config), None
+        objective = lm_objective(model_config, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = optax.tree_utils.tree_map_params(
         tx, lambda _, sh: sh, abstract_opt, param_sh,
@@ -94,13 +107,14 @@ def _build_stage(config: ConfigDict, index: int) -> Stage:
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     batch_sh = NamedSharding(mesh, P(batch_axes, None))
     step = jax.jit(
-        lambda state, batch: train_step(state, batch, model_config=model_config, tx=tx,
-                                        schedule=schedule, mesh=mesh,
-                                        accum_steps=settings.grad_accum_steps),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+        lambda state, batch, frozen: train_step(state, batch, frozen, objective=objective, tx=tx,
+                                                schedule=schedule,
+                                                accum_steps=settings.grad_accum_steps),
+        in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
+        donate_argnums=(0,))
     first = sum(config.stages[n].steps for n in config.stage_order[:index])
-    return Stage(name, index, first, settings, model_config, mesh, tx, schedule, state_sh,
-                 batch_sh, step)
+    return Stage(name, index, first, settings, model_config, mesh, tx, schedule, abstract_params,
+                 state_sh, frozen_sh, batch_sh, step)
 
 
 def _unboxed_abstract(model_config: lm.ModelConfig) -> Any:
@@ -108,7 +122,7 @@ def _unboxed_abstract(model_config: lm.ModelConfig) -> Any:
 
 
 def _abstract_state(stage: Stage) -> TrainState:
-    params = _unboxed_abstract(stage.model_config)
+    params = stage.abstract_params
     abstract = TrainState(params=params, opt_state=jax.eval_shape(stage.tx.init, params),
                           step=jax.ShapeDtypeStruct((), jnp.int32),
                           rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
@@ -116,16 +130,41 @@ def _abstract_state(stage: Stage) -> TrainState:
                         abstract, stage.state_shardings)
 
 
-def _initial_params(config: ConfigDict, stage: Stage) -> Any:
-    if config.init_from:
-        loaded_config, params = load_checkpoint(config.init_from)
-        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
-            if getattr(loaded_config, field) != getattr(stage.model_config, field):
-                raise TrainingError(f"init_from={config.init_from!r}: {field}="
-                                    f"{getattr(loaded_config, field)} but the model has "
-                                    f"{getattr(stage.model_config, field)}")
-        return jax.device_put(params, stage.state_shardings.params)
-    return lm.init(stage.model_config, jax.random.key(config.seed), mesh=stage.mesh)
+def _load_base(config: ConfigDict) -> Model | None:
+    """The init_from model (lctx.load), or None for a run from random weights."""
+    if not config.init_from:
+        return None
+    try:
+        return load(config.init_from)
+    except SourceError as err:
+        raise TrainingError(f"init_from={config.init_from!r}: {err}") from None
+
+
+def _check_base(config: ConfigDict, base: Model, stage: Stage) -> None:
+    """The model config must describe the weights init_from holds."""
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "mlp_dim", "norm_eps", "tie_embeddings"):
+        have, want = getattr(base.config, field), getattr(stage.model_config, field)
+        if have != want and not (isinstance(want, float) and math.isclose(have, want, rel_tol=1e-6)):
+            raise TrainingError(f"init_from={config.init_from!r}: {field}={have} but the model "
+                                f"has {want}")
+
+
+def _frozen_params(base: Model | None, stage: Stage) -> Any:
+    """The frozen model's params on the stage's mesh (beacon runs), else None."""
+    if stage.frozen_shardings is None:
+        return None
+    return jax.device_put(base.params, stage.frozen_shardings)  # validated: init_from is set
+
+
+def _initial_params(config: ConfigDict, stage: Stage, base: Model | None) -> Any:
+    if base is None:
+        return lm.init(stage.model_config, jax.random.key(config.seed), mesh=stage.mesh)
+    _check_base(config, base, stage)
+    if cfg.trains_beacons(config):
+        return jax.device_put(bc.init_beacon(stage.model_config, base.params),
+                              stage.state_shardings.params)
+    return jax.device_put(base.params, stage.state_shardings.params)
 
 
 def _fresh_state(stage: Stage, params: Any, seed: int, opt_state: Any = None) -> TrainState:
@@ -250,9 +289,9 @@ def _progress(stage: Stage, start: int):
                 file=sys.stderr)
 
 
-def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, batches: _ProcessBatches,
-                 checkpointer: Checkpointer, writer: MetricsWriter, stop: _StopRequest,
-                 first_step: int) -> tuple[TrainState, dict[str, float], bool]:
+def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, frozen: Any,
+                 batches: _ProcessBatches, checkpointer: Checkpointer, writer: MetricsWriter,
+                 stop: _StopRequest, first_step: int) -> tuple[TrainState, dict[str, float], bool]:
     """Runs a stage from `first_step`; returns (state, stage stats, stopped_by_signal)."""
     s = stage.settings
     tokens_per_step = s.batch_size * s.seq_len
@@ -261,7 +300,7 @@ def _train_stage(config: ConfigDict, stage: Stage, state: TrainState, batches: _
     interval_start, interval_steps = time.time(), 0
     for stage_step in range(first_step, stage.steps):
         batch = _to_device(next(batches), stage)
-        state, metrics = stage.step_fn(state, batch)
+        state, metrics = stage.step_fn(state, batch, frozen)
         global_step = stage.first_global_step + stage_step + 1
         if not bool(metrics["finite"]):
             bar.close()
@@ -332,7 +371,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             json.dump(cfg.describe(config), f, indent=1, default=str)
 
     corpus = open_run_corpus(config, run_dir)
-    tokenizer = ld.make_tokenizer(config.data.tokenizer)
+    base = _load_base(config)
+    tokenizer = _tokenizer(config, base)
     checkpointer = Checkpointer(config.checkpoint.directory or os.path.join(run_dir, "checkpoints"),
                                 every_steps=config.checkpoint.every_steps,
                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -355,7 +395,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                     _, first_step, data_states, state = resumed
                     resumed = None
                 elif state is None:
-                    state = _fresh_state(stage, _initial_params(config, stage), config.seed)
+                    state = _fresh_state(stage, _initial_params(config, stage, base), config.seed)
                 else:
                     carry = stage.settings.optimizer_state == "carry"
                     state = _fresh_state(stage, state.params, config.seed,
@@ -364,8 +404,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
                     summary["stages"][name] = {"resumed_complete": True}
                     continue
                 batches = _train_batches(config, corpus, tokenizer, stage, data_states)
-                state, stats, stopped = _train_stage(config, stage, state, batches, checkpointer,
-                                                     writer, stop, first_step)
+                frozen = _frozen_params(base, stage)
+                state, stats, stopped = _train_stage(config, stage, state, frozen, batches,
+                                                     checkpointer, writer, stop, first_step)
                 if stopped:
                     checkpointer.wait()
                     name_of = signal.Signals(stop.signum).name
@@ -379,8 +420,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
         checkpointer.wait()
         summary["loss_curve"] = plot_loss_curve(run_dir, tuple(config.stage_order))
         final = stages[len(config.stage_order) - 1]
-        summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config, state.params,
-                                       final.mesh)
+        if cfg.trains_beacons(config):
+            module = _write_beacon_module(run_dir, state.params)
+            summary["beacon_module"] = module
+            summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config,
+                                           _frozen_params(base, final), final.mesh,
+                                           beacon_module=module)
+        else:
+            summary["eval"] = evaluate_run(config, corpus, tokenizer, final.model_config,
+                                           state.params, final.mesh)
         failed = False
     finally:
         if not (failed and jax.process_count() > 1):  # a failed peer would hold the close barrier
@@ -392,10 +440,40 @@ def run(config: ConfigDict) -> dict[str, Any]:
     return summary
 
 
+def _tokenizer(config: ConfigDict, base: Model | None) -> ld.Tokenizer:
+    if config.data.tokenizer != "model":
+        return ld.make_tokenizer(config.data.tokenizer)
+    if base is None or base.tokenizer is None:
+        raise TrainingError(f"data.tokenizer='model': init_from={config.init_from!r} carries no "
+                            "tokenizer; give a tokenizer file")
+    return base.tokenizer
+
+
+def _write_beacon_module(run_dir: str, module: Any) -> str:
+    """RUN/beacon.msgpack, the trained module alone (kv_cache="beacon:...,params=FILE"),
+    written whole or not at all (a temporary file renamed)."""
+    path = os.path.join(run_dir, "beacon.msgpack")
+    if jax.process_index() == 0:
+        data = flax.serialization.to_bytes(jax.device_get(module))
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def _with_module(spec: str, module: str) -> str:
+    """A beacon spec that names no params= reads the module this run trained."""
+    if not module or "params=" in spec:
+        return spec
+    return f"{spec}{',' if ':' in spec else ':'}params={module}"
+
+
 def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
-                 model_config: lm.ModelConfig, params: Any, mesh: Mesh | None = None
-                 ) -> dict[str, Any]:
-    """The config's `eval.tasks` at `eval.lengths` (lctx.eval), written to RUN/eval/.
+                 model_config: lm.ModelConfig, params: Any, mesh: Mesh | None = None,
+                 beacon_module: str = "") -> dict[str, Any]:
+    """The config's `eval.tasks` at `eval.lengths` (lctx.eval), written to RUN/eval/;
+    retrieval through `eval.kv_cache`; a beacon run (`beacon_module`, its file) reads
+    everything through the beacons.
 
     Returns {"lengths": perplexity and bits per byte per length, "unigram_bits_per_byte",
     and each retrieval task's accuracy per length and effective lengths when evaluated}.
@@ -410,7 +488,8 @@ def evaluate_run(config: ConfigDict, corpus: ld.Corpus, tokenizer: ld.Tokenizer,
         label=config.name, progress=jax.process_index() == 0,
         mesh=mesh if model_config.sequence_parallel else None,
         stride=e.stride, max_tokens=e.max_tokens, batch_size=e.batch_size,
-        depths=tuple(e.depths), trials=e.trials, seed=e.seed)
+        depths=tuple(e.depths), trials=e.trials, seed=e.seed,
+        kv_cache=_with_module(e.kv_cache, beacon_module))
     summary: dict[str, Any] = {"lengths": results.get("ppl", {})}
     retrieval = [t for t in e.tasks if isinstance(results.get(t), dict)
                  and "effective_length" in results[t]]

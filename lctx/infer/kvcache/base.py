@@ -125,6 +125,12 @@ class CachePolicy:
         an iterator of (token, logits `[V]`) per decode step."""
         raise NotImplementedError
 
+    def window_nll(self, config: Any, params: Any):
+        """For a policy with `own_path`: `(tokens, targets, mask) -> summed nll` (int
+        `[b, s]` twice, float `[b, s]`) scoring perplexity windows read through it; None
+        for the others, whose perplexity is the model's own forward."""
+        return None
+
     def nbytes(self, batch: int, kv_heads: int, head_dim: int, tokens: int, chunk: int,
                dtype_bytes: int) -> int:
         """Predicted bytes of one layer's cache (storage and bookkeeping)."""

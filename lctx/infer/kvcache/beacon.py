@@ -18,15 +18,18 @@ i.e. before training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import flax.serialization
+import jax
+import jax.numpy as jnp
 
 from lctx.infer import beacon as beacon_path
 from lctx.infer.kvcache.base import CachePolicy, Data
 from lctx.infer.kvcache.registry import register
-from lctx.model.beacon import init_beacon
+from lctx.model.beacon import beacon_lm_loss, init_beacon
 
 
 @register
@@ -79,8 +82,23 @@ class Beacon(CachePolicy):
         with open(self.params, "rb") as f:
             return flax.serialization.from_bytes(fresh, f.read())
 
+    def window_nll(self, config, params):
+        module = self.module(config, params)
+        return lambda tokens, targets, mask: _window_nll(config, params, module, tokens, targets,
+                                                         mask, chunk=self.chunk, ratio=self.ratio)
+
     def stream(self, config, params, prompt, *, max_new_tokens: int, temperature: float = 0.0,
                rng=None):
         return beacon_path.stream(config, params, self.module(config, params), prompt,
                                   max_new_tokens=max_new_tokens, chunk=self.chunk,
                                   ratio=self.ratio, temperature=temperature, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk", "ratio"))
+def _window_nll(config, params, module, tokens, targets, mask, *, chunk: int, ratio: int):
+    """Summed nll of a window batch read through the beacons. The window is padded at the
+    end to whole chunks: later tokens never reach earlier ones, so the scores are exact."""
+    widen = lambda a: jnp.pad(a, ((0, 0), (0, -a.shape[1] % chunk)))
+    mean, metrics = beacon_lm_loss(config, params, module, widen(tokens), widen(targets),
+                                   widen(mask), chunk=chunk, ratio=ratio)
+    return mean * metrics["tokens"]
