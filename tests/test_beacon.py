@@ -194,6 +194,36 @@ def test_beacon_lm_loss_is_the_masked_mean_of_the_token_nll(tiny):
     assert float(metrics["tokens"]) == m.sum()
 
 
+def test_perplexity_through_a_beacon_spec_scores_the_beacon_forward(tiny, tmp_path):
+    """lctx.eval's perplexity with kv_cache="beacon:..." reads each window through the
+    module (padded to whole chunks): one 40-token window of a 41-token document against
+    exp of the mean beacon nll of that window."""
+    import flax.serialization
+
+    from lctx.data.tokenizer import ByteTokenizer, encode_document
+    from lctx.eval.perplexity import perplexity_by_length
+    from lctx.infer.kvcache import parse
+
+    config, params, _ = tiny
+    beacon = _perturbed(config, params)
+    path = tmp_path / "beacon.msgpack"
+    path.write_bytes(flax.serialization.to_bytes(beacon))
+    text = "def f(x):\n    return x * 2  # doubled!!"
+    tok = ByteTokenizer()
+    ids = encode_document(tok, text)
+    assert len(ids) == 41
+    scorer = parse(f"beacon:ratio=4,chunk=16,params={path}").window_nll(config, params)
+    got = perplexity_by_length(config, params, [{"text": text}], tok, lengths=(40,), stride=40,
+                               max_tokens=40, batch_size=1, window_nll=scorer)["40"]
+    nll = np.asarray(bc.beacon_nll(config, params, beacon, jnp.asarray(np.pad(ids, (0, 7))[None]),
+                                   chunk=16, ratio=4), np.float64)[0, :40]
+    assert got["tokens"] == 40
+    np.testing.assert_allclose(got["ppl"], np.exp(nll.mean()), rtol=1e-5)
+    full = perplexity_by_length(config, params, [{"text": text}], tok, lengths=(40,), stride=40,
+                                max_tokens=40, batch_size=1)["40"]
+    assert abs(full["ppl"] - got["ppl"]) > 1e-3  # the beacons change what the model reads
+
+
 def test_beacon_cache_bytes_match_the_calculator(tiny):
     """The state a generation holds is what `python -m lctx.kvcache memory
     --kv_cache=beacon:...` predicts: past beacons plus one open chunk, per layer."""

@@ -1,5 +1,5 @@
 """The beacon study's table (printed, written to table.md) and PNGs, from cells/ and
-train_log.jsonl.
+the training run's metrics.jsonl.
 
     python experiments/beacons/report.py
 """
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, TRAIN_LOG  # noqa: E402
+from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, RUN  # noqa: E402
 
 
 def read_cells() -> dict[tuple[str, int], dict]:
@@ -46,16 +46,15 @@ def table(cells: dict) -> str:
 
 
 def plot_training(path: Path) -> None:
-    if not TRAIN_LOG.exists():
+    metrics = RUN / "metrics.jsonl"
+    if not metrics.exists():
         return
-    log = [json.loads(line) for line in TRAIN_LOG.read_text().splitlines()]
+    log = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    log = list({r["step"]: r for r in log}.values())  # a resumed run repeats steps: the last wins
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for ratio in sorted({r["ratio"] for r in log}):
-        points = [(r["step"], r["loss"]) for r in log if r["ratio"] == ratio]
-        ax.plot(*zip(*points), marker=".", linestyle="", label=f"ratio {ratio}")
-    ax.set(xlabel="step", ylabel="next-token loss (nats)",
-           title="Beacon module training, SmolLM2-135M frozen")
-    ax.legend(fontsize=8)
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker=".")
+    ax.set(xlabel="step (4096 tokens, ratio drawn per 1024-token chunk from 2, 4, 8, 16)",
+           ylabel="next-token loss (nats)", title="Beacon module training, SmolLM2-135M frozen")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

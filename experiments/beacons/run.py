@@ -1,17 +1,14 @@
-"""Activation beacons on SmolLM2-135M: train the beacon module on CPU, then measure it.
+"""Activation beacons on SmolLM2-135M: measure the module `lctx.train` trained.
 
-    python experiments/beacons/run.py train --minutes=30   # resumable; base model frozen
-    python experiments/beacons/run.py eval                 # cells not yet done
-    python experiments/beacons/report.py                   # table.md and the PNG
+    python -m lctx.train --config=configs/beacon_smollm2.py --config.workdir=experiments/beacons/run
+    python experiments/beacons/run.py --budget_min=20   # cells not yet done
+    python experiments/beacons/report.py                # table.md and the PNG
 
-train: next-token loss on windows of SEQ_LEN tokens of the standard-library training
-split, read CHUNK tokens at a time through the beacons; the ratio is sampled per step
-(not per chunk, as the paper does: one compiled step per ratio) from RATIOS. Only the
-beacon module has parameters in the optimizer. The checkpoint (ckpt/state.msgpack,
-written to a temporary file and renamed) holds the module, the Adam state, the step
-and the data position, so a rerun resumes.
+Training is configs/beacon_smollm2.py (only the beacon module in the optimizer, the
+ratio drawn per chunk from 2, 4, 8, 16); its run directory RUN (default
+experiments/beacons/run) holds the module (RUN/beacon.msgpack) and metrics.jsonl.
 
-eval: one cell per (setting, length) in cells/. Perplexity of held-out standard-library
+One cell per (setting, length) in cells/. Perplexity of held-out standard-library
 code: the full model, beacons at ratio r before and after training, and at equal memory
 (the slots the beacon cache holds on its last chunk) sink_window and snapkv streamed
 through the cache as in experiments/kv_cache. Passkey at five depths through the full
@@ -33,7 +30,6 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import lctx
 from lctx.data.corpus import VALIDATION_FRACTION, iter_texts, stdlib_spec
@@ -42,10 +38,8 @@ from lctx.infer.generate import new_cache
 from lctx.model import beacon as bc
 
 HERE = Path(__file__).resolve().parent
-CELLS, CKPT, TRAIN_LOG = HERE / "cells", HERE / "ckpt" / "state.msgpack", HERE / "train_log.jsonl"
-MODULE = HERE / "ckpt" / "beacon.msgpack"  # the module alone: kv_cache="beacon:params=..."
-SEQ_LEN, CHUNK, RATIOS = 4096, 1024, (2, 4, 8, 16)
-LR, WARMUP = 1e-4, 10
+CELLS, RUN = HERE / "cells", HERE / "run"
+CHUNK = 1024
 EVAL_LENGTHS, EVAL_RATIOS = (4096, 8192), (4, 8, 16)
 STREAM_CHUNK = 128
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -70,67 +64,10 @@ def token_stream(tokenizer, split: str, tokens: int) -> np.ndarray:
     return np.asarray(ids[:tokens], np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def train_step(config, params, beacon, opt_state, tokens, ratio, optimizer):
-    loss, grads = jax.value_and_grad(
-        lambda b: bc.beacon_loss(config, params, b, tokens, chunk=CHUNK, ratio=ratio))(beacon)
-    updates, opt_state = optimizer.update(grads, opt_state, beacon)
-    return optax.apply_updates(beacon, updates), opt_state, loss
-
-
-def make_optimizer() -> optax.GradientTransformation:
-    schedule = optax.linear_schedule(0.0, LR, WARMUP)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-
-
-def _write(path: Path, tree) -> None:
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(flax.serialization.to_bytes(tree))
-    os.replace(tmp, path)  # a killed run never leaves a half file
-
-
-def save(state: dict) -> None:
-    _write(CKPT, state)
-    _write(MODULE, state["beacon"])
-
-
-def train(minutes: float) -> int:
-    model = lctx.load("smollm2-135m")
-    optimizer = make_optimizer()
-    beacon = bc.init_beacon(model.config, model.params)
-    state = {"beacon": beacon, "opt": optimizer.init(beacon), "step": 0}
-    if CKPT.exists():
-        state = flax.serialization.from_bytes(state, CKPT.read_bytes())
-        print(f"resumed at step {int(state['step'])}", flush=True)
-    data = token_stream(model.tokenizer, "train", 4_000_000)
-    began = time.perf_counter()
-    while (time.perf_counter() - began) / 60 < minutes:
-        step = int(state["step"])
-        rng = np.random.default_rng(step)  # the same windows and ratios after a resume
-        start = int(rng.integers(0, len(data) - SEQ_LEN))
-        ratio = int(rng.choice(RATIOS))
-        tokens = jnp.asarray(data[None, start:start + SEQ_LEN])
-        t0 = time.perf_counter()
-        beacon, opt, loss = train_step(model.config, model.params, state["beacon"], state["opt"],
-                                       tokens, ratio, optimizer)
-        state = {"beacon": beacon, "opt": opt, "step": step + 1}
-        save(state)
-        record = {"step": step + 1, "ratio": ratio, "loss": float(loss),
-                  "seconds": round(time.perf_counter() - t0, 1)}
-        with open(TRAIN_LOG, "a") as log:  # after the checkpoint: a resume never repeats a line
-            log.write(json.dumps(record) + "\n")
-        print(record, flush=True)
-    return 0
-
-
-def trained_beacon(model) -> tuple[dict, int]:
-    beacon = bc.init_beacon(model.config, model.params)
-    optimizer = make_optimizer()
-    template = {"beacon": beacon, "opt": optimizer.init(beacon), "step": 0}
-    state = flax.serialization.from_bytes(template, CKPT.read_bytes())
-    _write(MODULE, state["beacon"])
-    return state["beacon"], int(state["step"])
+def trained_steps(run: Path) -> int:
+    """Optimizer steps the run's module has taken (its metrics.jsonl)."""
+    with open(run / "metrics.jsonl") as f:
+        return max(json.loads(line)["step"] for line in f if '"loss"' in line)
 
 
 def settings() -> list[str]:
@@ -173,12 +110,12 @@ def eval_cell(model, name: str, length: int, text: np.ndarray, beacons: dict) ->
 PASSKEY = ("full", "beacon8", "beacon8_untrained", "sink_window8")  # at 4K and 8K, 5 depths
 
 
-def passkey_cell(model, name: str, length: int, held_out: list[dict]) -> dict:
+def passkey_cell(model, name: str, length: int, held_out: list[dict], module: Path) -> dict:
     """Passkey at five depths, prompts read and answered through the setting's cache."""
     ratio = 8
     past = (length // CHUNK - 1) * (CHUNK // ratio)
     spec = {"full": "full",
-            "beacon8": f"beacon:ratio={ratio},chunk={CHUNK},params={MODULE}",
+            "beacon8": f"beacon:ratio={ratio},chunk={CHUNK},params={module}",
             "beacon8_untrained": f"beacon:ratio={ratio},chunk={CHUNK}",
             "sink_window8": f"sink_window:sinks=4,window={past + CHUNK + CHUNK // ratio - 4}"}[name]
     result = evaluate_model(model.config, model.params, model.tokenizer, held_out,
@@ -187,13 +124,14 @@ def passkey_cell(model, name: str, length: int, held_out: list[dict]) -> dict:
     return {"correct": [c["correct"] for c in result["passkey"]["cells"]], "spec": spec}
 
 
-def evaluate(budget_min: float) -> int:
+def evaluate(run: Path, budget_min: float) -> int:
     model = lctx.load("smollm2-135m")
     text = token_stream(model.tokenizer, "validation", max(EVAL_LENGTHS) + 1)
-    beacons = {"untrained": bc.init_beacon(model.config, model.params)}
-    step = 0
-    if CKPT.exists():
-        beacons["trained"], step = trained_beacon(model)
+    fresh = bc.init_beacon(model.config, model.params)
+    beacons, step = {"untrained": fresh}, 0
+    if (run / "beacon.msgpack").exists():
+        beacons["trained"] = flax.serialization.from_bytes(fresh, (run / "beacon.msgpack").read_bytes())
+        step = trained_steps(run)
     CELLS.mkdir(exist_ok=True)
     began = time.perf_counter()
     todo = [(s, n) for n in EVAL_LENGTHS for s in settings()
@@ -207,7 +145,8 @@ def evaluate(budget_min: float) -> int:
             print("budget spent; rerun to continue", flush=True)
             break
         t0 = time.perf_counter()
-        result = (passkey_cell(model, name.removeprefix("passkey_"), length, held_out)
+        result = (passkey_cell(model, name.removeprefix("passkey_"), length, held_out,
+                               run / "beacon.msgpack")
                   if name.startswith("passkey_") else eval_cell(model, name, length, text, beacons))
         record = {"setting": name, "length": length, "result": result,
                   "trained_steps": step if name.startswith("beacon") and "untrained" not in name else 0,
@@ -221,11 +160,10 @@ def evaluate(budget_min: float) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("train", "eval"))
-    parser.add_argument("--minutes", type=float, default=30.0, help="train: wall-clock budget")
-    parser.add_argument("--budget_min", type=float, default=60.0, help="eval: start no cell after")
+    parser.add_argument("--run", type=Path, default=RUN, help="the lctx.train run directory")
+    parser.add_argument("--budget_min", type=float, default=60.0, help="start no cell after")
     args = parser.parse_args(argv)
-    return train(args.minutes) if args.command == "train" else evaluate(args.budget_min)
+    return evaluate(args.run, args.budget_min)
 
 
 if __name__ == "__main__":
