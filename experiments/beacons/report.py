@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, RUN  # noqa: E402
+from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, LONG, RUN, SPEED_LENGTH  # noqa: E402
 
 
 def read_cells() -> dict[tuple[str, int], dict]:
@@ -28,20 +28,27 @@ def read_cells() -> dict[tuple[str, int], dict]:
 
 
 def table(cells: dict) -> str:
-    head = ["setting"] + [f"ppl {n // 1024}K" for n in EVAL_LENGTHS] + \
-           [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS] + \
-           [f"passkey {n // 1024}K" for n in EVAL_LENGTHS]
+    lengths = (*EVAL_LENGTHS, LONG)
+    head = (["setting"] + [f"ppl {n // 1024}K" for n in lengths] +
+            [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS] +
+            [f"passkey {n // 1024}K" for n in EVAL_LENGTHS] +
+            [f"prefill {SPEED_LENGTH // 1024}K s", "decode ms/token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = ["full"] + [name for r in EVAL_RATIOS for name in
                         (f"beacon{r}", f"beacon{r}_untrained", f"sink_window{r}", f"snapkv{r}")]
+    dash = "—"
     for key in names:
-        records = [cells.get((key, n)) for n in EVAL_LENGTHS]
-        ppl = ["—" if r is None else f"{r['result']['ppl']:.3f}" for r in records]
-        mib = ["—" if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in records]
-        keys = [cells.get((f"passkey_{key}", n)) for n in EVAL_LENGTHS]
-        found = ["—" if r is None else f"{sum(r['result']['correct'])}/{len(r['result']['correct'])}"
-                 for r in keys]
-        lines.append("| " + " | ".join([key] + ppl + mib + found) + " |")
+        ppl = [cells.get((key, n)) for n in lengths]
+        row = [dash if r is None else f"{r['result']['ppl']:.3f}" for r in ppl]
+        row += [dash if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in ppl[:2]]
+        for n in EVAL_LENGTHS:
+            r = cells.get((f"passkey_{key}", n))
+            row.append(dash if r is None else
+                       f"{sum(r['result']['correct'])}/{len(r['result']['correct'])}")
+        speed = cells.get((f"speed_{key}", SPEED_LENGTH))
+        row += [dash, dash] if speed is None else [f"{speed['result']['prefill_s']:.1f}",
+                                                   f"{speed['result']['decode_ms']:.0f}"]
+        lines.append("| " + " | ".join([key] + row) + " |")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import lctx
 from lctx.data.corpus import VALIDATION_FRACTION, iter_texts, stdlib_spec
 from lctx.eval.api import evaluate_model, held_out_documents
+from lctx.generate import stream_tokens
 from lctx.infer.generate import new_cache
 from lctx.model import beacon as bc
 
@@ -41,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 CELLS, RUN = HERE / "cells", HERE / "run"
 CHUNK = 1024
 EVAL_LENGTHS, EVAL_RATIOS = (4096, 8192), (4, 8, 16)
+LONG, LONG_SETTINGS = 16384, ("full", "beacon8", "sink_window8")  # past SmolLM2's 8K
+SPEED_LENGTH, SPEED_SETTINGS, DECODE_STEPS = 8192, ("full", "beacon8"), 16
 STREAM_CHUNK = 128
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -124,9 +127,27 @@ def passkey_cell(model, name: str, length: int, held_out: list[dict], module: Pa
     return {"correct": [c["correct"] for c in result["passkey"]["cells"]], "spec": spec}
 
 
+def speed_cell(model, name: str, length: int, text: np.ndarray, module: Path) -> dict:
+    """Seconds to the first token of a `length`-token prompt (prefill) and ms per decoded
+    token after it, through lctx.generate's streaming path; the second of two runs (the
+    first compiles)."""
+    spec = "full" if name == "full" else f"beacon:ratio=8,chunk={CHUNK},params={module}"
+    for _ in range(2):
+        t0 = time.perf_counter()
+        steps = stream_tokens(model.config, model.params, text[:length],
+                              max_new_tokens=DECODE_STEPS + 1, kv_cache=spec)
+        next(steps)
+        t1 = time.perf_counter()
+        for _ in steps:
+            pass
+        t2 = time.perf_counter()
+    return {"prefill_s": round(t1 - t0, 2), "decode_ms": round((t2 - t1) / DECODE_STEPS * 1e3, 1),
+            "spec": spec}
+
+
 def evaluate(run: Path, budget_min: float) -> int:
     model = lctx.load("smollm2-135m")
-    text = token_stream(model.tokenizer, "validation", max(EVAL_LENGTHS) + 1)
+    text = token_stream(model.tokenizer, "validation", LONG + 1)
     fresh = bc.init_beacon(model.config, model.params)
     beacons, step = {"untrained": fresh}, 0
     if (run / "beacon.msgpack").exists():
@@ -139,17 +160,26 @@ def evaluate(run: Path, budget_min: float) -> int:
                                                          or not s.startswith("beacon") or step)]
     todo += [(f"passkey_{s}", n) for n in EVAL_LENGTHS for s in PASSKEY
              if not (CELLS / f"passkey_{s}__{n}.json").exists() and (s != "beacon8" or step)]
+    todo += [(f"speed_{s}", SPEED_LENGTH) for s in SPEED_SETTINGS if step
+             and not (CELLS / f"speed_{s}__{SPEED_LENGTH}.json").exists()]
+    todo += [(s, LONG) for s in LONG_SETTINGS if not (CELLS / f"{s}__{LONG}.json").exists()
+             and (s != "beacon8" or step)]
     held_out = held_out_documents()
     for name, length in todo:
         if (time.perf_counter() - began) / 60 > budget_min:
             print("budget spent; rerun to continue", flush=True)
             break
         t0 = time.perf_counter()
-        result = (passkey_cell(model, name.removeprefix("passkey_"), length, held_out,
-                               run / "beacon.msgpack")
-                  if name.startswith("passkey_") else eval_cell(model, name, length, text, beacons))
+        if name.startswith("passkey_"):
+            result = passkey_cell(model, name.removeprefix("passkey_"), length, held_out,
+                                  run / "beacon.msgpack")
+        elif name.startswith("speed_"):
+            result = speed_cell(model, name.removeprefix("speed_"), length, text,
+                                run / "beacon.msgpack")
+        else:
+            result = eval_cell(model, name, length, text, beacons)
         record = {"setting": name, "length": length, "result": result,
-                  "trained_steps": step if name.startswith("beacon") and "untrained" not in name else 0,
+                  "trained_steps": step if "beacon" in name and "untrained" not in name else 0,
                   "wall_s": round(time.perf_counter() - t0, 1)}
         path = CELLS / f"{name}__{length}.json"
         path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))

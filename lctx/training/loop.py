@@ -33,9 +33,9 @@ from lctx import data as ld
 from lctx import model as lm
 from lctx import parallel
 from lctx.convert.run import open_run_corpus
+from lctx.eval.api import evaluate_model, format_table
 from lctx.model import beacon as bc
 from lctx.models import Model, SourceError, load
-from lctx.eval.api import evaluate_model, format_table
 from lctx.training import config as cfg
 from lctx.training.checkpoint import Checkpointer
 from lctx.training.metrics import MetricsWriter, plot_loss_curve
