@@ -1,6 +1,6 @@
 """Activation beacons on SmolLM2-135M: train only the beacon module, the model frozen.
 
-    python -m lctx.train --config=configs/beacon_smollm2.py             # ~3 CPU hours
+    python -m lctx.train --config=configs/beacon_smollm2.py             # ~2.5 CPU hours
     python -m lctx.train --config=configs/beacon_smollm2.py --config.stages.beacon.steps=4
 
 SmolLM2-135M-Instruct (the registered GGUF, float32) stays frozen; the beacon module
@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct (the registered GGUF, float32) stays frozen; the beacon mo
 model's, 26.5M parameters) is the only thing in the optimizer. Windows of 4096 tokens
 of the standard-library training split are read in chunks of 1024, each chunk at a
 ratio drawn from 2, 4, 8, 16 (the paper's per-chunk sampling). 48 steps of one window
-are 197K tokens, about 3 hours on a 2-core CPU (~220 s a step). The run ends by writing
+are 197K tokens, about 2.3 hours on a 2-core CPU (~170 s a step, measured). It ends by writing
 runs/beacon_smollm2/beacon.msgpack and evaluating held-out perplexity and passkey read
 through it at ratio 8; the module then serves any beacon spec:
 
