@@ -514,3 +514,12 @@ def test_sources_that_are_not_models(tmp_path):
                                                                "checkpoint": {}}))
     _one_line_error(tmp_path / "run", "no checkpoints")
     assert os.path.isdir(tmp_path / "run")
+
+
+def test_a_run_from_init_from_reads_its_tokenizer_without_the_weights(hf_tokenizer):
+    """data.tokenizer="model": a run's tokenizer is init_from's, read from the GGUF alone."""
+    from lctx.models.loader import _tokenizer_of
+
+    text = "def f(x):\n    return {'½': x ** 2}  # héllo"
+    ids = _tokenizer_of("smollm2-135m").encode(text)
+    np.testing.assert_array_equal(ids, hf_tokenizer(text, add_special_tokens=False)["input_ids"])

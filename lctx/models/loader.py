@@ -54,10 +54,19 @@ def _from_run(run_dir: str, step: int | None) -> dict[str, Any]:
     found = read_run(run_dir, step)
     spec = found.config.data.tokenizer
     # "model": the run started from init_from and kept its tokenizer
-    tokenizer = (_resolve(found.config.init_from)["tokenizer"] if spec == "model"
-                 else make_tokenizer(spec))
+    tokenizer = _tokenizer_of(found.config.init_from) if spec == "model" else make_tokenizer(spec)
     return dict(config=found.model_config, params=found.params, tokenizer=tokenizer,
                 step=found.step, stage=found.stage)
+
+
+def _tokenizer_of(source: str) -> Tokenizer | None:
+    """The tokenizer `source` carries, read without its weights where the format allows."""
+    path = registered_file(source) if source in REGISTRY else Path(source).expanduser()
+    if path.is_file():
+        return tokenizer_from_gguf(GGUFFile(path))
+    if path.is_dir() and not is_run_dir(path):
+        return _dir_tokenizer(path)
+    return _resolve(source)["tokenizer"]
 
 
 def _from_checkpoint(directory: Path) -> dict[str, Any]:
