@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, LONG, RUN, SPEED_LENGTH  # noqa: E402
+from run import CELLS, EVAL_LENGTHS, EVAL_RATIOS, HERE, LONG, RUN, SPEED_LENGTHS  # noqa: E402
 
 
 def read_cells() -> dict[tuple[str, int], dict]:
@@ -29,10 +29,10 @@ def read_cells() -> dict[tuple[str, int], dict]:
 
 def table(cells: dict) -> str:
     lengths = (*EVAL_LENGTHS, LONG)
-    head = (["setting"] + [f"ppl {n // 1024}K" for n in lengths] +
-            [f"KV MiB {n // 1024}K" for n in EVAL_LENGTHS] +
-            [f"passkey {n // 1024}K" for n in EVAL_LENGTHS] +
-            [f"prefill {SPEED_LENGTH // 1024}K s", "decode ms/token"])
+    k = [f"{n // 1024}K" for n in lengths]
+    head = (["setting"] + [f"ppl {n}" for n in k] + [f"KV MiB {n}" for n in k] +
+            [f"passkey {n}" for n in k] +
+            [f"{what} {n // 1024}K" for n in SPEED_LENGTHS for what in ("prefill s", "decode ms/tok")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = ["full"] + [name for r in EVAL_RATIOS for name in
                         (f"beacon{r}", f"beacon{r}_untrained", f"sink_window{r}", f"snapkv{r}")]
@@ -40,16 +40,38 @@ def table(cells: dict) -> str:
     for key in names:
         ppl = [cells.get((key, n)) for n in lengths]
         row = [dash if r is None else f"{r['result']['ppl']:.3f}" for r in ppl]
-        row += [dash if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in ppl[:2]]
-        for n in EVAL_LENGTHS:
+        row += [dash if r is None else f"{r['result']['kv_bytes'] / 2**20:.0f}" for r in ppl]
+        for n in lengths:
             r = cells.get((f"passkey_{key}", n))
             row.append(dash if r is None else
                        f"{sum(r['result']['correct'])}/{len(r['result']['correct'])}")
-        speed = cells.get((f"speed_{key}", SPEED_LENGTH))
-        row += [dash, dash] if speed is None else [f"{speed['result']['prefill_s']:.1f}",
-                                                   f"{speed['result']['decode_ms']:.0f}"]
+        for n in SPEED_LENGTHS:
+            speed = cells.get((f"speed_{key}", n))
+            row += [dash, dash] if speed is None else [f"{speed['result']['prefill_s']:.1f}",
+                                                       f"{speed['result']['decode_ms']:.0f}"]
         lines.append("| " + " | ".join([key] + row) + " |")
     return "\n".join(lines)
+
+
+def plot_perplexity(cells: dict, path: Path) -> None:
+    """Perplexity against length per ratio: trained and untrained beacons, eviction at the
+    same memory, the full cache."""
+    lengths = (*EVAL_LENGTHS, LONG)
+    fig, axes = plt.subplots(1, len(EVAL_RATIOS), figsize=(4 * len(EVAL_RATIOS), 3.5), sharey=True)
+    for ax, r in zip(axes, EVAL_RATIOS):
+        for key, style in ((f"beacon{r}", "o-"), (f"beacon{r}_untrained", "o:"),
+                           (f"sink_window{r}", "s-"), (f"snapkv{r}", "^-"), ("full", "k--")):
+            points = [(n // 1024, cells[(key, n)]["result"]["ppl"]) for n in lengths
+                      if (key, n) in cells]
+            if points:
+                ax.plot(*zip(*points), style, label=key.replace(str(r), ""))
+        ax.set(title=f"ratio {r} (equal memory)", xlabel="tokens (K)", xticks=[n // 1024 for n in lengths])
+        ax.set_yscale("log")
+    axes[0].set_ylabel("held-out perplexity")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_training(path: Path) -> None:
@@ -73,6 +95,7 @@ def main() -> None:
     (HERE / "table.md").write_text(text + "\n")
     print(text)
     plot_training(HERE / "training.png")
+    plot_perplexity(cells, HERE / "perplexity.png")
 
 
 if __name__ == "__main__":
