@@ -176,8 +176,8 @@ def evaluate(run: Path, budget_min: float) -> int:
     todo = [(s, n) for n in lengths for s in settings()]
     todo += [(f"speed_{s}", SPEED_LENGTHS[0]) for s in SPEED_SETTINGS]
     todo += [(f"passkey_{s}", n) for s in PASSKEY[:3] for n in lengths]
-    todo += [(f"passkey_{s}", n) for s in PASSKEY[3:] for n in EVAL_LENGTHS]
     todo += [(f"speed_{s}", n) for n in SPEED_LENGTHS[1:] for s in SPEED_SETTINGS]
+    todo += [(f"passkey_{s}", n) for s in PASSKEY[3:] for n in EVAL_LENGTHS]
     todo += [(f"passkey_{s}", LONG) for s in PASSKEY[3:]]
     todo = [(s, n) for s, n in todo if ready(s) and not (CELLS / f"{s}__{n}.json").exists()]
     held_out = held_out_documents()
