@@ -88,26 +88,20 @@ def _beacon_nll(config, params, beacon, tokens, ratio):
 
 def eval_cell(model, name: str, length: int, text: np.ndarray, beacons: dict) -> dict:
     tokens = jnp.asarray(text[None, :length])
-    ratio = int("".join(ch for ch in name if ch.isdigit()) or 0)
     if name == "full" or name.startswith(("sink_window", "snapkv")):
         study = _kv_cache_study()
-        # Equal memory: the slots the beacon cache holds on its last chunk (past beacons,
-        # the raw chunk and its beacons), less the streamed chunk the cache also holds.
-        past = (length // CHUNK - 1) * (CHUNK // ratio) if ratio else 0
-        budget = past + CHUNK + CHUNK // ratio - STREAM_CHUNK if ratio else length
-        spec = {"full": "full", "sink_window": f"sink_window:sinks=4,window={budget - 4}",
-                "snapkv": f"snapkv:budget={budget},window=32,kernel=7"}[name.rstrip("0123456789")]
+        # Equal memory, less the streamed chunk the cache also holds.
+        spec = cache_spec(name, length, Path(), held=STREAM_CHUNK)
         cache = new_cache(model.config, spec, batch=1, tokens=length, chunk=STREAM_CHUNK)
         nll, _ = study._chunked_scores(model.config, model.params, tokens,
                                        jnp.asarray(text[None, 1:length + 1]), (cache,), STREAM_CHUNK)
         nll, nbytes = np.asarray(nll[0][:-1]), cache.nbytes()
     else:
-        beacon = beacons["untrained" if name.endswith("untrained") else "trained"]
+        beacon, ratio = beacons["untrained" if name.endswith("untrained") else "trained"], ratio_of(name)
         nll = np.asarray(_beacon_nll(model.config, model.params, beacon, tokens, ratio)[0])
-        past = (length // CHUNK - 1) * (CHUNK // ratio)  # beacons kept before the last chunk
-        # float32 keys and values of past beacons plus the last chunk's tokens and beacons
+        # float32 keys and values of every slot the beacon cache holds on its last chunk
         nbytes = 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim \
-            * 4 * (past + CHUNK + CHUNK // ratio)
+            * 4 * beacon_slots(length, ratio)
     return {"ppl": float(np.exp(nll.mean())), "kv_bytes": int(nbytes)}
 
 
@@ -115,16 +109,26 @@ def eval_cell(model, name: str, length: int, text: np.ndarray, beacons: dict) ->
 PASSKEY = ("full", "beacon8", "sink_window8", "snapkv8", "beacon8_untrained", "beacon4", "beacon16")
 
 
-def cache_spec(name: str, length: int, module: Path) -> str:
-    """The cache spec a passkey setting reads its prompt through; eviction at the memory
-    the ratio's beacon cache holds on its last chunk."""
+def ratio_of(name: str) -> int:
+    return int("".join(ch for ch in name if ch.isdigit()))
+
+
+def beacon_slots(length: int, ratio: int) -> int:
+    """Slots the beacon cache holds on the last chunk of `length` tokens: the past
+    chunks' beacons, the raw chunk and its beacons."""
+    return (length // CHUNK - 1) * (CHUNK // ratio) + CHUNK + CHUNK // ratio
+
+
+def cache_spec(name: str, length: int, module: Path, held: int = 0) -> str:
+    """The cache spec of a setting: eviction at the beacon cache's memory for the ratio,
+    less `held` slots the caller keeps besides (a streamed chunk)."""
     if name == "full":
         return "full"
-    ratio = int("".join(ch for ch in name if ch.isdigit()))
-    slots = (length // CHUNK - 1) * (CHUNK // ratio) + CHUNK + CHUNK // ratio
+    ratio = ratio_of(name)
     if name.startswith("beacon"):
         trained = "" if name.endswith("untrained") else f",params={module}"
         return f"beacon:ratio={ratio},chunk={CHUNK}{trained}"
+    slots = beacon_slots(length, ratio) - held
     if name.startswith("sink_window"):
         return f"sink_window:sinks=4,window={slots - 4}"
     return f"snapkv:budget={slots},window=32,kernel=7"
@@ -143,7 +147,7 @@ def speed_cell(model, name: str, length: int, text: np.ndarray, module: Path) ->
     """Seconds to the first token of a `length`-token prompt (prefill) and ms per decoded
     token after it, through lctx.generate's streaming path; the second of two runs (the
     first compiles)."""
-    spec = "full" if name == "full" else f"beacon:ratio=8,chunk={CHUNK},params={module}"
+    spec = cache_spec(name, length, module)
     for _ in range(2):
         t0 = time.perf_counter()
         steps = stream_tokens(model.config, model.params, text[:length],
